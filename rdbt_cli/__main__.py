@@ -1,0 +1,3 @@
+from rdbt_cli.cli import app
+
+app()

@@ -1,0 +1,35 @@
+"""User-facing errors. The CLI prints `str(err)` as one line and exits with `err.exit_code`."""
+
+
+class RdbtError(Exception):
+    exit_code = 1
+
+
+class CheckpointError(RdbtError):
+    """A model file that is missing, truncated, pickled, or of another model."""
+
+    exit_code = 2
+
+
+class CheckpointMismatch(CheckpointError):
+    """A file whose keys or shapes do not fit the network built from it."""
+
+
+class TokenizerNotFound(RdbtError):
+    exit_code = 2
+
+
+class ConfigError(RdbtError):
+    """A bad preset, flag value or batch line."""
+
+    exit_code = 2
+
+
+class LoraError(RdbtError):
+    exit_code = 2
+
+
+class OutputError(RdbtError):
+    """An output folder that cannot be written, or a PNG that cannot be read."""
+
+    exit_code = 3
