@@ -5,7 +5,20 @@ No torch import here, so the CLI can resolve and validate everything before any 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+
+def user_dir() -> Path:
+    """Where rdbt keeps user state (presets, the LoRA stack, caches, the tiny model). `RDBT_HOME` relocates all of it.
+
+    Never created here: whoever writes a file creates its folder.
+    """
+    if os.environ.get("RDBT_HOME"):
+        return Path(os.environ["RDBT_HOME"])
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "rdbt"
 
 
 @dataclass(frozen=True)
@@ -65,3 +78,19 @@ class VAEParams:
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
+
+
+# The embedded tiny model (`--model tiny`, and tests): small enough to run in well under a second on a CPU, with every
+# structural feature of the released model (adapter with self-attention, AdaLN-LoRA, 3-D RoPE, a full Wan VAE).
+# The tiny tokenizers are built by rdbt itself, so their vocabularies are small and the embeddings sized to match.
+TINY_QWEN = QwenParams(
+    vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=192
+)
+TINY_ADAPTER = AdapterParams(
+    source_dim=64, model_dim=96, target_dim=96, num_layers=2, num_heads=3, vocab_size=1024, mlp_dim=384
+)
+TINY_DIT = DiTParams(
+    model_channels=128, num_blocks=2, num_heads=2, mlp_dim=512, in_channels=16, out_channels=16, context_dim=96,
+    adaln_lora_dim=256,
+)
+TINY_VAE = VAEParams(base_dim=16)
