@@ -94,3 +94,56 @@ TINY_DIT = DiTParams(
     adaln_lora_dim=256,
 )
 TINY_VAE = VAEParams(base_dim=16)
+
+
+# Names the CLI accepts; sampling.SAMPLERS / SCHEDULERS implement exactly these (a test checks they agree), so presets
+# and flags can be validated without importing torch.
+SAMPLER_NAMES = (
+    "er_sde", "sa_solver_pece", "sa_solver", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "res_multistep",
+)
+SCHEDULER_NAMES = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "linear_quadratic")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    name: str  # a file stem in loras/, a unique prefix of one, or a path
+    weight: float = 1.0
+
+
+@dataclass
+class GenParams:
+    """What to make. None means "not given"; resolution fills every field (defaults < preset < stack < flags)."""
+
+    prompt: str | None = None
+    negative: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    shift: float | None = None
+    count: int | None = None
+    loras: list[LoraSpec] | None = None
+
+
+@dataclass
+class LoadParams:
+    """What to load and how. Machine facts (device, dtype) never come from presets."""
+
+    model: str | None = None  # path, name in the models folder, or "tiny"
+    text_encoder: str | None = None
+    vae: str | None = None
+    models_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+# Anima's defaults (the official template: er_sde, simple, 30 steps, CFG 4, shift 3, 1024²).
+DEFAULTS = GenParams(
+    negative="", width=1024, height=1024, steps=30, cfg=4.0, sampler="er_sde", scheduler="simple", shift=3.0, count=1,
+    loras=[],
+)
