@@ -1,0 +1,560 @@
+"""LoRA files: reading every format seen for Anima, mapping their keys onto real parameters, merging a weighted stack.
+
+Keys are matched the way ComfyUI does it (comfy/lora.py::model_lora_keys_unet / _clip): every real parameter name is
+flattened ('.' -> '_') and registered under each naming a trainer may use, so underscore names (kohya, LyCORIS) map
+back to dotted ones without guessing where the underscores were (spec/formats.md §2.3). Works on any nn.Module by its
+parameter names; the DiT (with the LLM adapter) and the Qwen3 text encoder are the targets "dit" and "te".
+
+Merging follows ComfyUI's maths (comfy/lora.py::calculate_weight, comfy/weight_adapter/*.py; formats.md §2.4): in fp32
+from the original tensor, written back once in the stored dtype; `Patch.undo()` puts the original tensors back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rdbt_cli.errors import CheckpointError, LoraError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# File-key suffix -> role, for every adapter tensor ComfyUI recognises plus PEFT's DoRA magnitude (formats.md §2.1).
+# Matched longest first, so ".lora_B.default.weight" wins over ".weight"-less forms.
+_SUFFIX_ROLES = {
+    ".lora_up.weight": "up", ".lora_down.weight": "down",
+    ".lora_B.weight": "up", ".lora_A.weight": "down",
+    ".lora_B": "up", ".lora_A": "down",
+    ".lora_B.default.weight": "up", ".lora_A.default.weight": "down",
+    ".lora.up.weight": "up", ".lora.down.weight": "down",
+    "_lora.up.weight": "up", "_lora.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+    ".alpha": "alpha",
+    ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_magnitude_vector.default": "magnitude", ".lora_magnitude_vector.default.weight": "magnitude",
+    ".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a", ".hada_w2_b": "hada_w2_b",
+    ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
+    ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b",
+    ".diff": "diff", ".diff_b": "diff_b",
+    # Recognised so the error can name them; rdbt does not merge these (conv-only Tucker forms, OFT, GLoRA, ...).
+    ".lora_mid.weight": "unsupported:Tucker LoRA (lora_mid)", ".hada_t1": "unsupported:Tucker LoHa (hada_t1)",
+    ".hada_t2": "unsupported:Tucker LoHa (hada_t2)", ".lokr_t2": "unsupported:Tucker LoKr (lokr_t2)",
+    ".oft_blocks": "unsupported:OFT/BOFT", ".rescale": "unsupported:OFT/BOFT",
+    ".a1.weight": "unsupported:GLoRA", ".a2.weight": "unsupported:GLoRA", ".b1.weight": "unsupported:GLoRA",
+    ".b2.weight": "unsupported:GLoRA", ".w_norm": "unsupported:norm diff (w_norm)",
+    ".b_norm": "unsupported:norm diff (b_norm)", ".set_weight": "unsupported:set_weight",
+    ".reshape_weight": "unsupported:reshape_weight",
+}
+_SUFFIXES = sorted(_SUFFIX_ROLES, key=len, reverse=True)
+
+# Anima name -> diffusers/ai-toolkit Cosmos name, one row per module, {} = block index (formats.md §2.6, anima.md §6.1).
+DIFFUSERS_NAMES = {
+    "blocks.{}.self_attn.q_proj": "transformer_blocks.{}.attn1.to_q",
+    "blocks.{}.self_attn.k_proj": "transformer_blocks.{}.attn1.to_k",
+    "blocks.{}.self_attn.v_proj": "transformer_blocks.{}.attn1.to_v",
+    "blocks.{}.self_attn.output_proj": "transformer_blocks.{}.attn1.to_out.0",
+    "blocks.{}.self_attn.q_norm": "transformer_blocks.{}.attn1.norm_q",
+    "blocks.{}.self_attn.k_norm": "transformer_blocks.{}.attn1.norm_k",
+    "blocks.{}.cross_attn.q_proj": "transformer_blocks.{}.attn2.to_q",
+    "blocks.{}.cross_attn.k_proj": "transformer_blocks.{}.attn2.to_k",
+    "blocks.{}.cross_attn.v_proj": "transformer_blocks.{}.attn2.to_v",
+    "blocks.{}.cross_attn.output_proj": "transformer_blocks.{}.attn2.to_out.0",
+    "blocks.{}.cross_attn.q_norm": "transformer_blocks.{}.attn2.norm_q",
+    "blocks.{}.cross_attn.k_norm": "transformer_blocks.{}.attn2.norm_k",
+    "blocks.{}.adaln_modulation_self_attn.1": "transformer_blocks.{}.norm1.linear_1",
+    "blocks.{}.adaln_modulation_self_attn.2": "transformer_blocks.{}.norm1.linear_2",
+    "blocks.{}.adaln_modulation_cross_attn.1": "transformer_blocks.{}.norm2.linear_1",
+    "blocks.{}.adaln_modulation_cross_attn.2": "transformer_blocks.{}.norm2.linear_2",
+    "blocks.{}.adaln_modulation_mlp.1": "transformer_blocks.{}.norm3.linear_1",
+    "blocks.{}.adaln_modulation_mlp.2": "transformer_blocks.{}.norm3.linear_2",
+    "blocks.{}.mlp.layer1": "transformer_blocks.{}.ff.net.0.proj",
+    "blocks.{}.mlp.layer2": "transformer_blocks.{}.ff.net.2",
+    "x_embedder.proj.1": "patch_embed.proj",
+    "t_embedder.1.linear_1": "time_embed.t_embedder.linear_1",
+    "t_embedder.1.linear_2": "time_embed.t_embedder.linear_2",
+    "t_embedding_norm": "time_embed.norm",
+    "final_layer.adaln_modulation.1": "norm_out.linear_1",
+    "final_layer.adaln_modulation.2": "norm_out.linear_2",
+    "final_layer.linear": "proj_out",
+}
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _diffusers_name(module: str) -> str | None:
+    parts = module.split(".")
+    index = next((p for p in parts if p.isdigit()), None)
+    for anima, diffusers in DIFFUSERS_NAMES.items():
+        if "{}" in anima:
+            if index is not None and anima.format(index) == module:
+                return diffusers.format(index)
+        elif anima == module:
+            return diffusers
+    return None
+
+
+def _aliases(target: str, module: str) -> list[str]:
+    """Every base name a LoRA file may use for the module `module` of `target` (formats.md §2.1, §2.2, §2.6)."""
+    if target == "dit":
+        names = [f"diffusion_model.{module}", f"lora_unet_{_flat(module)}", f"lycoris_{_flat(module)}", module,
+                 f"base_model.model.{module}"]
+        d = _diffusers_name(module)
+        if d:
+            names += [d, f"transformer.{d}", f"diffusion_model.{d}", f"lora_transformer_{_flat(d)}",
+                      f"lycoris_{_flat(d)}"]
+        return names
+    if target == "te":
+        # ComfyUI addresses the Qwen3 TE as qwen3_06b.transformer.model.<name without the HF "model." prefix>.
+        inner = module[len("model."):] if module.startswith("model.") else module
+        return [f"text_encoders.qwen3_06b.transformer.model.{inner}", f"text_encoders.transformer.model.{inner}",
+                f"lora_te_{_flat(inner)}", f"lycoris_te_{_flat(inner)}"]
+    return [f"{target}.{module}"]
+
+
+def _name_index(names: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+    """{LoRA base name: (target, module name)} from {target: real parameter names}."""
+    index: dict[str, tuple[str, str]] = {}
+    for target, params in names.items():
+        for p in params:
+            if not p.endswith(".weight"):
+                continue
+            module = p[: -len(".weight")]
+            for alias in _aliases(target, module):
+                index.setdefault(alias, (target, module))
+    return index
+
+
+def reference_names(dit_blocks: int = 28, adapter_blocks: int = 6, te_layers: int = 28) -> dict[str, list[str]]:
+    """Parameter names of the released Anima DiT/adapter and Qwen3 TE (anima.md §1.3, §1.4), for model-free lookups."""
+    dit = ["x_embedder.proj.1", "t_embedder.1.linear_1", "t_embedder.1.linear_2", "t_embedding_norm",
+           "final_layer.linear", "final_layer.adaln_modulation.1", "final_layer.adaln_modulation.2",
+           "llm_adapter.embed", "llm_adapter.out_proj", "llm_adapter.norm"]
+    for n in range(dit_blocks):
+        for attn in ("self_attn", "cross_attn"):
+            dit += [f"blocks.{n}.{attn}.{p}" for p in ("q_proj", "k_proj", "v_proj", "output_proj", "q_norm", "k_norm")]
+            dit += [f"blocks.{n}.adaln_modulation_{attn}.{i}" for i in (1, 2)]
+        dit += [f"blocks.{n}.adaln_modulation_mlp.{i}" for i in (1, 2)] + [f"blocks.{n}.mlp.layer{i}" for i in (1, 2)]
+    for n in range(adapter_blocks):
+        b = f"llm_adapter.blocks.{n}"
+        for attn in ("self_attn", "cross_attn"):
+            dit += [f"{b}.{attn}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+        dit += [f"{b}.norm_self_attn", f"{b}.norm_cross_attn", f"{b}.norm_mlp", f"{b}.mlp.0", f"{b}.mlp.2"]
+    te = ["embed_tokens", "norm"]
+    for n in range(te_layers):
+        te += [f"layers.{n}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+        te += [f"layers.{n}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+        te += [f"layers.{n}.input_layernorm", f"layers.{n}.post_attention_layernorm"]
+    return {"dit": [f"{m}.weight" for m in dit], "te": [f"{m}.weight" for m in te]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraModule:
+    """The tensors one file holds for one target module, by role (up, down, alpha, lokr_w1, diff, ...)."""
+
+    base: str
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        t = self.tensors
+        if "up" in t or "down" in t:
+            return "lora"
+        if any(r.startswith("hada_") for r in t):
+            return "loha"
+        if any(r.startswith("lokr_") for r in t):
+            return "lokr"
+        if "diff" in t or "diff_b" in t:
+            return "diff"
+        return "incomplete"
+
+    @property
+    def dora(self) -> bool:
+        return "dora_scale" in self.tensors or "magnitude" in self.tensors
+
+    @property
+    def alpha(self) -> float | None:
+        a = self.tensors.get("alpha")
+        return None if a is None else float(a.item())
+
+    @property
+    def naming(self) -> str:
+        """Which trainer's naming the base name uses (formats.md §2.2)."""
+        b = self.base
+        for prefix, name in (("lora_unet_", "kohya"), ("lora_te_", "kohya"), ("lycoris_", "lycoris"),
+                             ("lora_transformer_", "diffusers"), ("transformer.", "diffusers"),
+                             ("diffusion_model.", "comfyui"), ("text_encoders.", "comfyui"),
+                             ("base_model.model.", "peft")):
+            if b.startswith(prefix):
+                return name
+        return "bare"
+
+    @property
+    def format(self) -> str:
+        """e.g. 'kohya lora', 'comfyui peft lora' (diffusion-pipe), 'comfyui peft lora+alpha' (kohya hybrid), 'lycoris lokr'."""
+        kind = self.kind
+        if kind == "lora" and self._peft_style:
+            kind = "peft lora" + ("+alpha" if self.alpha is not None else "")
+        return f"{self.naming} {kind}" + (" dora" if self.dora else "")
+
+    _peft_style: bool = field(default=False, repr=False)
+
+    def delta_shape(self) -> tuple[int, ...]:
+        """The 2-D (rows, columns) shape of the delta, or the full shape of a `diff`; checked before any merge."""
+        t = self.tensors
+        kind = self.kind
+        if kind == "lora":
+            return (t["up"].shape[0], math.prod(t["down"].shape[1:]))
+        if kind == "loha":
+            return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1])
+        if kind == "lokr":
+            w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+            w2 = t["lokr_w2"].shape if "lokr_w2" in t else (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+            return (w1[0] * w2[0], math.prod(w1[1:]) * math.prod(w2[1:]))
+        return tuple(t["diff"].shape) if "diff" in t else ()
+
+    def delta(self) -> tuple[torch.Tensor | None, float]:
+        """(ΔW in fp32 as 2-D rows x columns, or the diff's own shape; alpha scale) as ComfyUI computes them."""
+        t = {k: v for k, v in self.tensors.items()}
+        f = lambda k: t[k].to(torch.float32)  # noqa: E731 — ComfyUI's intermediate dtype on CPU
+        alpha = self.alpha
+        kind = self.kind
+        if kind == "lora":
+            down = f("down")
+            # alpha / rank, rank = rows of down; 1 without an alpha key (comfy/weight_adapter/lora.py)
+            scale = alpha / down.shape[0] if alpha is not None else 1.0
+            return torch.mm(f("up").flatten(1), down.flatten(1)), scale
+        if kind == "loha":
+            scale = alpha / t["hada_w1_b"].shape[0] if alpha is not None else 1.0
+            return torch.mm(f("hada_w1_a"), f("hada_w1_b")) * torch.mm(f("hada_w2_a"), f("hada_w2_b")), scale
+        if kind == "lokr":
+            rank = None
+            if "lokr_w1" in t:
+                w1 = f("lokr_w1")
+            else:
+                rank = t["lokr_w1_b"].shape[0]
+                w1 = torch.mm(f("lokr_w1_a"), f("lokr_w1_b"))
+            if "lokr_w2" in t:
+                w2 = f("lokr_w2")
+            else:
+                rank = t["lokr_w2_b"].shape[0]  # with both factorised, w2's rank wins (lokr.py:297-313)
+                w2 = torch.mm(f("lokr_w2_a"), f("lokr_w2_b"))
+            # α/r only when a factor is factorised; with both full, alpha is ignored even when stored (§2.4 pitfall)
+            scale = alpha / rank if (alpha is not None and rank is not None) else 1.0
+            return torch.kron(w1.flatten(1), w2.flatten(1)), scale
+        return (f("diff") if "diff" in t else None), 1.0
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    modules: dict[str, LoraModule]  # by base name, in file order
+    metadata: dict[str, str]
+    unrecognised: list[str]  # keys whose suffix is no adapter tensor rdbt knows
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.modules)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def formats(self) -> dict[str, int]:
+        """{format: number of modules}, e.g. {'kohya lora': 20}."""
+        out: dict[str, int] = {}
+        for m in self.modules.values():
+            out[m.format] = out.get(m.format, 0) + 1
+        return out
+
+    def target_names(self, targets: dict[str, nn.Module] | None = None) -> dict[str, str | None]:
+        """{base name: 'dit:blocks.0.self_attn.q_proj' or None}, against `targets` or the released Anima names."""
+        names = reference_names() if targets is None else _param_names(targets)
+        index = _name_index(names)
+        return {b: (f"{index[b][0]}:{index[b][1]}" if b in index else None) for b in self.modules}
+
+    @cached_property
+    def hashes(self) -> dict[str, str]:
+        """{'autov2': ..., 'a1111_lora': ...} from discovery.file_hashes; {} while that function is unavailable."""
+        try:
+            from rdbt_cli.discovery import file_hashes
+        except ImportError:
+            return {}
+        return dict(file_hashes(self.path))
+
+
+def parse_lora_file(path: str | os.PathLike) -> LoraFile:
+    """Read a .safetensors LoRA (never a pickle) and group its tensors by target module."""
+    from safetensors import safe_open
+
+    from rdbt_cli.discovery import read_safetensors_header
+
+    p = Path(path)
+    if not p.exists():
+        raise LoraError(f"{p}: LoRA file not found; check the path, or the name in `rdbt lora-stack --list`")
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraError(
+            f"{p}: pickle LoRAs ({p.suffix}) can run arbitrary code and are never loaded; use a .safetensors LoRA"
+        )
+    try:
+        header, meta = read_safetensors_header(p)
+    except CheckpointError as exc:
+        raise LoraError(str(exc)) from None
+    groups: dict[str, dict[str, str]] = {}
+    unrecognised = []
+    for key in header:
+        suffix = next((s for s in _SUFFIXES if key.endswith(s) and len(key) > len(s)), None)
+        if suffix is None:
+            unrecognised.append(key)
+            continue
+        role = _SUFFIX_ROLES[suffix]
+        base = key[: -len(suffix)]
+        if role.startswith("unsupported:"):
+            raise LoraError(
+                f"{p}: uses {role.split(':', 1)[1]} (key {key!r}), which rdbt cannot merge; "
+                "use a LoRA/LoHa/LoKr/DoRA/diff file"
+            )
+        groups.setdefault(base, {})[role] = key
+    modules: dict[str, LoraModule] = {}
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            for base, roles in groups.items():
+                tensors = {role: f.get_tensor(key) for role, key in roles.items()}
+                peft = any(k.endswith(("lora_A.weight", "lora_A", "lora_A.default.weight")) for k in roles.values())
+                modules[base] = LoraModule(base, tensors, _peft_style=peft)
+    except Exception as exc:  # safetensors raises its own types for damaged files
+        raise LoraError(f"{p}: could not read tensors ({exc}); download the LoRA again") from None
+    for m in modules.values():
+        t = m.tensors
+        incomplete = (
+            m.kind == "incomplete"
+            or (m.kind == "lora" and not ("up" in t and "down" in t))
+            or (m.kind == "loha" and not all(f"hada_w{i}_{j}" in t for i in (1, 2) for j in "ab"))
+            or (m.kind == "lokr" and not (("lokr_w1" in t or {"lokr_w1_a", "lokr_w1_b"} <= t.keys())
+                                          and ("lokr_w2" in t or {"lokr_w2_a", "lokr_w2_b"} <= t.keys())))
+        )
+        if incomplete:
+            raise LoraError(
+                f"{p}: module {m.base!r} has only {sorted(t)} — an incomplete adapter; the file is damaged or "
+                "not a LoRA"
+            )
+    if not modules and not unrecognised:
+        raise LoraError(f"{p}: holds no tensors; it is not a LoRA")
+    return LoraFile(p, modules, dict(meta), unrecognised)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _param_names(targets: dict[str, nn.Module]) -> dict[str, list[str]]:
+    return {t: [n for n, _ in m.named_parameters()] for t, m in targets.items()}
+
+
+@dataclass
+class Patch:
+    """What `apply_loras` changed, and how to put it back."""
+
+    patched: dict[str, list[str]] = field(default_factory=dict)  # {target: parameter names changed}
+    warnings: list[str] = field(default_factory=list)  # unmatched keys kept with allow_unmatched
+    matched: dict[str, int] = field(default_factory=dict)  # {LoRA path: modules applied}
+    _saved: list[tuple[nn.Module, str, torch.Tensor, bool, object]] = field(default_factory=list, repr=False)
+
+    @property
+    def n_patched(self) -> int:
+        return sum(len(v) for v in self.patched.values())
+
+    def undo(self) -> None:
+        """Put back the very tensors that were there before (bit for bit); a second call does nothing."""
+        for module, attr, original, had_scale, old_scale in reversed(self._saved):
+            getattr(module, attr).data = original
+            if had_scale:
+                module.weight_scale = old_scale
+        self._saved.clear()
+        self.patched = {}
+
+
+def _summary(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" … (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _strengths(weight) -> dict[str, float]:
+    """A LoRA's weight: one number for every target, or (model, te) like ComfyUI's strength_model/strength_clip."""
+    if isinstance(weight, (tuple, list)):
+        model, te = weight
+        return {"te": float(te), "*": float(model)}
+    return {"*": float(weight)}
+
+
+def apply_loras(
+    targets: dict[str, nn.Module],
+    loras: list[tuple[LoraFile, float | tuple[float, float]]],
+    *,
+    allow_unmatched: bool = False,
+) -> Patch:
+    """Merge Σ sᵢ·scaleᵢ·ΔWᵢ of the whole stack into `targets` ({"dit": dit, "te": te}); undo with `Patch.undo()`.
+
+    Every file is checked against the models before any weight changes: a file none of whose modules fit, or (unless
+    `allow_unmatched`) one with modules that do not fit, raises LoraError.
+    """
+    names = _param_names(targets)
+    index = _name_index(names)
+    params = {t: dict(m.named_parameters()) for t, m in targets.items()}
+    patch = Patch()
+    # (target, parameter) -> [(stack position, module, role, strength)]
+    plan: dict[tuple[str, str], list[tuple[int, LoraFile, LoraModule, float]]] = {}
+    for pos, (lf, weight) in enumerate(loras):
+        strength = _strengths(weight)
+        bad: list[str] = []
+        fits = []
+        for base, mod in lf.modules.items():
+            hit = index.get(base)
+            if hit is None:
+                bad.append(base)
+                continue
+            target, module = hit
+            w = params[target][f"{module}.weight"]
+            shape = mod.delta_shape()
+            want = tuple(w.shape) if mod.kind == "diff" else (w.shape[0], math.prod(w.shape[1:]))
+            if shape and shape != want:
+                bad.append(f"{base} (shape {list(shape)}, model {list(want)})")
+                continue
+            if "diff_b" in mod.tensors:
+                b = params[target].get(f"{module}.bias")
+                if b is None or b.shape != mod.tensors["diff_b"].shape:
+                    bad.append(f"{base}.diff_b (the model's {module} has no bias of that shape)")
+                    continue
+            fits.append((target, module, mod))
+        bad += lf.unrecognised
+        total = lf.n_modules + len(lf.unrecognised)
+        if not fits:
+            raise LoraError(
+                f"{lf.path}: 0 of {total} modules match this model ({_summary(bad, 3)}); it was made for another "
+                "model or another size of Anima"
+            )
+        if bad and not allow_unmatched:
+            raise LoraError(
+                f"{lf.path}: {len(bad)} of {total} modules do not match this model: {_summary(bad)}; "
+                "use a LoRA made for this model, or allow unmatched keys to apply the rest"
+            )
+        patch.warnings += [f"{lf.path.name}: not loaded: {k}" for k in bad]
+        patch.matched[str(lf.path)] = len(fits)
+        for target, module, mod in fits:
+            s = strength.get(target, strength["*"])
+            if mod.kind != "diff" or "diff" in mod.tensors:
+                plan.setdefault((target, f"{module}.weight"), []).append((pos, lf, mod, s))
+            if "diff_b" in mod.tensors:
+                plan.setdefault((target, f"{module}.bias"), []).append((pos, lf, mod, s))
+    for (target, pname), items in plan.items():
+        if not any(mod.dora for _, _, mod, _ in items):
+            # Additive kinds commute; a fixed order makes the fp32 sum bit-identical whatever the stack order.
+            items = sorted(items, key=lambda it: (str(it[1].path), it[3], it[2].base))
+        _merge_one(targets[target], target, pname, items, patch)
+    return patch
+
+
+def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch) -> None:
+    module_name, attr = pname.rsplit(".", 1)
+    module = root.get_submodule(module_name)
+    param = getattr(module, attr)
+    original = param.data
+    is_bias = attr == "bias"
+    scale_owner = attr == "weight" and original.dtype in FP8_DTYPES and hasattr(module, "weight_scale")
+    old_scale = module.weight_scale if scale_owner else None
+    w = original.to(torch.float32, copy=True)
+    if old_scale is not None:
+        w = w * old_scale.to(w.device, torch.float32)
+    for _, _, mod, s in items:
+        if is_bias:
+            w += s * mod.tensors["diff_b"].to(w.device, torch.float32)
+            continue
+        delta, scale = mod.delta()
+        delta = delta.to(w.device).reshape(w.shape)
+        if mod.dora:
+            w = _dora(w, delta, scale, s, mod)
+        elif mod.kind == "diff":
+            w += s * delta
+        else:
+            # ComfyUI: c = strength·(α/r) as one double, then W += c·ΔW (bit-exact order, formats.md §2.4)
+            w += (s * scale) * delta
+    if original.dtype in FP8_DTYPES:
+        new, new_scale = _to_fp8(w, original.dtype, f"{target}.{pname}", rescale=scale_owner)
+    else:
+        new, new_scale = w.to(original.dtype), None
+    patch._saved.append((module, attr, original, scale_owner, old_scale))
+    param.data = new
+    if scale_owner:
+        module.weight_scale = new_scale
+    patch.patched.setdefault(target, []).append(pname)
+
+
+def _dora(w: torch.Tensor, delta: torch.Tensor, scale: float, strength: float, mod: LoraModule) -> torch.Tensor:
+    """DoRA: W_c = (W + scale·ΔW)·m/‖·‖, then W + s·(W_c − W) (comfy/weight_adapter/base.py::weight_decompose).
+
+    `dora_scale` follows ComfyUI: one entry per output row → norms of the weight before this patch, else column norms
+    of the updated weight. PEFT's `lora_magnitude_vector` (ignored by ComfyUI) follows PEFT: row norms of the updated
+    weight, no epsilon.
+    """
+    out = w.shape[0]
+    wc = w + scale * delta
+    w2, wc2 = w.reshape(out, -1), wc.reshape(out, -1)
+    if "magnitude" in mod.tensors:
+        mag = mod.tensors["magnitude"].to(w.device, torch.float32).reshape(out, 1)
+        wc2 = wc2 * (mag / wc2.norm(dim=1, keepdim=True))
+    else:
+        mag = mod.tensors["dora_scale"].to(w.device, torch.float32)
+        eps = torch.finfo(torch.float32).eps
+        if mag.shape[0] == out:
+            wc2 = wc2 * (mag.reshape(out, 1) / (w2.norm(dim=1, keepdim=True) + eps))
+        else:
+            wc2 = wc2 * (mag.reshape(1, -1) / (wc2.norm(dim=0, keepdim=True) + eps))
+    wc = wc2.reshape(w.shape)
+    return wc if strength == 1.0 else w + strength * (wc - w)
+
+
+def _to_fp8(w: torch.Tensor, dtype: torch.dtype, key: str, *, rescale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Back to fp8 with a fresh per-tensor scale (when the layer has one) and stochastic rounding seeded by the key.
+
+    Round-to-nearest would erase deltas below half an fp8 step (3 mantissa bits); stochastic rounding keeps them in
+    expectation, as ComfyUI does (comfy/float.py::stochastic_rounding; formats.md §3).
+    """
+    fmax = torch.finfo(dtype).max
+    scale = None
+    if rescale:
+        scale = (w.abs().amax().float() / fmax).clamp(min=1e-12)
+        w = w / scale
+    w = w.clamp(-fmax, fmax)
+    near = w.to(dtype)
+    v = near.float()
+    bits = near.view(torch.uint8)
+    # The other fp8 neighbour of w: one step further from zero when |w| > |v|, else one step towards zero.
+    away = w.abs() > v.abs()
+    mag = bits & 0x7F
+    sign = torch.where(torch.signbit(w), 0x80, 0).to(torch.uint8)
+    other_mag = torch.where(away, mag + 1, mag - 1).to(torch.uint8)
+    other_mag = torch.where((mag == 0) & ~away, torch.zeros_like(mag), other_mag)
+    other = (other_mag | sign).view(dtype)
+    ov = other.float()
+    gap = (ov - v).abs()
+    p = torch.where(gap > 0, (w - v).abs() / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode()))
+    u = torch.rand(w.shape, generator=gen).to(w.device)
+    q = torch.where((u < p) & torch.isfinite(ov), other, near)
+    return q, scale

@@ -1,0 +1,182 @@
+"""The persistent LoRA stack behind `rdbt lora-stack`, and LoRA name resolution. No torch import: starts instantly.
+
+The stack lives in `config.user_dir()/lora_stack.json` as {"version": 1, "loras": [{"name": ..., "weight": ...}]}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rdbt_cli.config import LoraSpec, user_dir
+from rdbt_cli.errors import LoraError
+
+STACK_FILE = "lora_stack.json"
+STACK_VERSION = 1
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def stack_path() -> Path:
+    return user_dir() / STACK_FILE
+
+
+def _check_weight(name: str, weight) -> float:
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise LoraError(f"LoRA {name!r}: weight {weight!r} is not a number; give e.g. {name}:0.8") from None
+    if not math.isfinite(w):
+        raise LoraError(f"LoRA {name!r}: weight {weight!r} is not a finite number; give e.g. {name}:0.8")
+    return w
+
+
+def load_stack() -> list[LoraSpec]:
+    """The saved stack, in order; [] when none was saved."""
+    path = stack_path()
+    if not path.exists():
+        return []
+    fix = f"fix or delete {path}, or run `rdbt lora-stack --clear`"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraError(f"{path}: unreadable LoRA stack ({exc.__class__.__name__}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("loras"), list):
+        raise LoraError(f"{path}: not a LoRA stack (no 'loras' list); {fix}")
+    if data.get("version", STACK_VERSION) > STACK_VERSION:
+        raise LoraError(f"{path}: written by a newer rdbt (stack version {data['version']}); upgrade rdbt or {fix}")
+    specs = []
+    for i, entry in enumerate(data["loras"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise LoraError(f"{path}: entry {i + 1} has no LoRA name; {fix}")
+        specs.append(LoraSpec(entry["name"], _check_weight(entry["name"], entry.get("weight", 1.0))))
+    return specs
+
+
+def save_stack(specs: list[LoraSpec]) -> Path:
+    """Write the stack atomically (a temp file in the same folder, then a rename), so a crash never leaves half a file."""
+    path = stack_path()
+    data = {"version": STACK_VERSION,
+            "loras": [{"name": s.name, "weight": _check_weight(s.name, s.weight)} for s in specs]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lora_stack.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise LoraError(f"{path}: cannot save the LoRA stack ({exc.strerror}); check that the folder is writable") from None
+    return path
+
+
+def _find(specs: list[LoraSpec], name: str) -> int:
+    """Index of `name` in the stack: exact, else a unique prefix."""
+    for i, s in enumerate(specs):
+        if s.name == name:
+            return i
+    hits = [i for i, s in enumerate(specs) if s.name.startswith(name)]
+    if len(hits) == 1:
+        return hits[0]
+    listed = ", ".join(s.name for s in specs) or "the stack is empty"
+    if hits:
+        raise LoraError(f"LoRA {name!r} is ambiguous in the stack: {', '.join(specs[i].name for i in hits)}; "
+                        "give more of the name")
+    raise LoraError(f"LoRA {name!r} is not in the stack ({listed}); see `rdbt lora-stack --list`")
+
+
+def add(spec: LoraSpec) -> list[LoraSpec]:
+    """Append `spec`; a LoRA already in the stack keeps its place and takes the new weight."""
+    _check_weight(spec.name, spec.weight)
+    specs = load_stack()
+    for i, s in enumerate(specs):
+        if s.name == spec.name:
+            specs[i] = spec
+            break
+    else:
+        specs.append(spec)
+    save_stack(specs)
+    return specs
+
+
+def set_weight(name: str, weight: float) -> list[LoraSpec]:
+    specs = load_stack()
+    i = _find(specs, name)
+    specs[i] = LoraSpec(specs[i].name, _check_weight(name, weight))
+    save_stack(specs)
+    return specs
+
+
+def remove(name: str) -> list[LoraSpec]:
+    specs = load_stack()
+    del specs[_find(specs, name)]
+    save_stack(specs)
+    return specs
+
+
+def clear() -> list[LoraSpec]:
+    save_stack([])
+    return []
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.lower().endswith(".safetensors") or name.startswith(("~", "."))
+
+
+def resolve_lora_name(name: str, lora_dirs: list[str | os.PathLike]) -> Path:
+    """A LoRA file from a path, or a name in `lora_dirs` (ComfyUI `loras/` folders, searched with subfolders).
+
+    A name matches a file's stem or its path inside a folder without `.safetensors`: exactly first, then
+    case-insensitively, then as a unique prefix. Several candidates raise LoraError listing them.
+    """
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    dirs = [Path(d).expanduser() for d in lora_dirs]
+    found: list[tuple[str, Path]] = []  # (name inside its folder, file)
+    pickles: list[Path] = []
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for f in sorted(d.rglob("*")):
+            if not f.is_file():
+                continue
+            rel = f.relative_to(d).with_suffix("").as_posix()
+            if f.suffix.lower() == ".safetensors":
+                found.append((rel, f))
+            elif f.suffix.lower() in PICKLE_SUFFIXES:
+                pickles.append(f)
+    key = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    key = key.replace(os.sep, "/")
+
+    def stems(f: Path, rel: str) -> tuple[str, str]:
+        return f.stem, rel
+
+    for match in (
+        lambda a: a == key,
+        lambda a: a.lower() == key.lower(),
+        lambda a: a.lower().startswith(key.lower()),
+    ):
+        hits = []
+        for rel, f in found:
+            if any(match(a) for a in stems(f, rel)) and f not in hits:
+                hits.append(f)
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            listed = ", ".join(str(h) for h in hits[:8]) + (f" (+{len(hits) - 8} more)" if len(hits) > 8 else "")
+            raise LoraError(f"LoRA name {name!r} is ambiguous: {listed}; give more of the name or a path")
+    pickled = [f for f in pickles if f.stem.lower().startswith(key.lower())]
+    if pickled:
+        raise LoraError(f"{pickled[0]}: pickle LoRAs ({pickled[0].suffix}) are never loaded; "
+                        "convert it to .safetensors")
+    where = ", ".join(str(d) for d in dirs) or "no LoRA folders were found"
+    if _looks_like_path(name):
+        raise LoraError(f"{p}: LoRA file not found; check the path")
+    raise LoraError(f"LoRA {name!r} not found in {where}; put the .safetensors file there or give its path")
