@@ -8,15 +8,19 @@ comfy/ldm/wan/vae.py), as written up in spec/anima.md. forward() is tensor in, t
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rdbt_cli.config import AdapterParams, DiTParams
 from rdbt_cli.discovery import is_ignored_key, read_safetensors_header, strip_prefix
-from rdbt_cli.errors import CheckpointError, CheckpointMismatch
+from rdbt_cli.errors import CheckpointError, CheckpointMismatch, ConfigError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -37,7 +41,8 @@ class Linear(nn.Linear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.weight_scale = None
+        # A non-persistent buffer: follows .to(device), never appears in state_dict() (so strict loads ignore it).
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -141,7 +146,547 @@ def load_into(
         sd[k] = v.to(device=device, dtype=target)
     module.load_state_dict(sd, strict=True, assign=True)
     for name, scale in scales.items():
-        layer = module.get_submodule(name)
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            raise CheckpointMismatch(f"{path}: fp8 scale for {name}, which is not a layer of a {what}") from None
         if isinstance(layer, Linear):
             layer.weight_scale = scale.to(device)
     return module
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, eps 1e-6, weight used as is (no +1); the weight is cast to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose rows are returned in `dtype` (the table may be stored in another precision)."""
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out = F.embedding(ids, self.weight)
+        return out if dtype is None else out.to(dtype)
+
+
+_ATTENTION_BACKENDS = ("sdpa", "xformers")
+_attention_backend = "sdpa"
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the attention kernel: "sdpa" (PyTorch, default) or "xformers" (used for CUDA tensors only)."""
+    global _attention_backend
+    if name not in _ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(_ATTENTION_BACKENDS)}")
+    if name == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("attention backend 'xformers' needs the xformers package; pip install xformers or use sdpa")
+    _attention_backend = name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked softmax attention, scale 1/sqrt(head_dim). q: [B, H, L, D], k/v: [B, H, S, D] -> [B, L, H*D]."""
+    if _attention_backend == "xformers" and q.is_cuda:
+        import xformers.ops  # optional dependency, imported only when chosen
+
+        out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.flatten(2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LLM adapter (anima/model.py LLMAdapter): T5-id queries cross-attending to Qwen3 hidden states
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _adapter_rope(n: int, head_dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # cos/sin [n, head_dim] in fp32, then rounded to the compute dtype as ComfyUI does.
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class AdapterAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = query_dim // num_heads
+        self.q_proj = Linear(query_dim, query_dim, bias=False)
+        self.k_proj = Linear(context_dim, query_dim, bias=False)
+        self.v_proj = Linear(context_dim, query_dim, bias=False)
+        self.o_proj = Linear(query_dim, query_dim, bias=False)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+
+    def forward(self, x, context, rope_q, rope_k):
+        B, L, _ = x.shape
+        S = context.shape[1]
+        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, -1))  # (B, L, H, D)
+        k = self.k_norm(self.k_proj(context).view(B, S, self.num_heads, -1))
+        v = self.v_proj(context).view(B, S, self.num_heads, -1)
+        (cq, sq), (ck, sk) = rope_q, rope_k
+        q = q * cq[:, None] + _rotate_half(q) * sq[:, None]
+        k = k * ck[:, None] + _rotate_half(k) * sk[:, None]
+        return self.o_proj(attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+
+
+class AdapterBlock(nn.Module):
+    def __init__(self, p: AdapterParams):
+        super().__init__()
+        self.norm_self_attn = RMSNorm(p.model_dim)
+        self.self_attn = AdapterAttention(p.model_dim, p.model_dim, p.num_heads)
+        self.norm_cross_attn = RMSNorm(p.model_dim)
+        self.cross_attn = AdapterAttention(p.model_dim, p.source_dim, p.num_heads)
+        self.norm_mlp = RMSNorm(p.model_dim)
+        self.mlp = nn.Sequential(Linear(p.model_dim, p.mlp_dim), nn.GELU(), Linear(p.mlp_dim, p.model_dim))
+
+    def forward(self, x, source, rope_x, rope_src):
+        h = self.norm_self_attn(x)
+        x = x + self.self_attn(h, h, rope_x, rope_x)
+        x = x + self.cross_attn(self.norm_cross_attn(x), source, rope_x, rope_src)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class LLMAdapter(nn.Module):
+    """Maps Qwen3 hidden states [B, N, source_dim] and T5 ids [B, M] to DiT context rows [B, M, target_dim]. No masks."""
+
+    def __init__(self, p: AdapterParams):
+        super().__init__()
+        if p.model_dim % p.num_heads or (p.model_dim // p.num_heads) % 2:
+            raise ConfigError(f"LLM adapter width {p.model_dim} does not split into {p.num_heads} even-sized heads")
+        self.params = p
+        self.embed = Embedding(p.vocab_size, p.target_dim)
+        # ComfyUI: in_proj exists only when the embedding width differs from the model width.
+        self.in_proj = Linear(p.target_dim, p.model_dim) if p.model_dim != p.target_dim else None
+        self.blocks = nn.ModuleList(AdapterBlock(p) for _ in range(p.num_layers))
+        self.out_proj = Linear(p.model_dim, p.target_dim)
+        self.norm = RMSNorm(p.target_dim)
+
+    def forward(self, source: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids, source.dtype)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        head_dim = self.params.model_dim // self.params.num_heads
+        rope_x = _adapter_rope(x.shape[1], head_dim, x.dtype, x.device)
+        rope_src = _adapter_rope(source.shape[1], head_dim, x.dtype, x.device)
+        for block in self.blocks:
+            x = block(x, source, rope_x, rope_src)
+        return self.norm(self.out_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DiT (cosmos/predict2.py MiniTrainDIT with anima/model.py's adapter): patchify, AdaLN-LoRA blocks, 3-D RoPE
+# ---------------------------------------------------------------------------------------------------------------------
+
+CONTEXT_ROWS = 512  # the adapter output is zero-padded to this many rows (never truncated)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] -> [B, dim] fp32, cos half first (cosmos Timesteps, flip_sin_to_cos), max period 10000."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """(t, h, w) rotary widths: h = w = head_dim//6*2, t gets the rest (position_embedding.py)."""
+    dim_h = head_dim // 6 * 2
+    return head_dim - 2 * dim_h, dim_h, dim_h
+
+
+def rope_3d(T: int, H: int, W: int, head_dim: int, extrapolation, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T*H*W, head_dim/2] fp32 for positions (t, i, j) in row-major order; angle order t | h | w."""
+    dims = rope_split(head_dim)
+    freqs = []
+    for d, ratio in zip(dims, extrapolation):
+        theta = 10000.0 * ratio ** (d / (d - 2))  # NTK-scaled base
+        freqs.append(1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32)[: d // 2] / d)))
+    ft, fh, fw = freqs
+    pos = [torch.arange(n, device=device, dtype=torch.float32) for n in (T, H, W)]
+    at = torch.outer(pos[0], ft)[:, None, None, :].expand(T, H, W, -1)
+    ah = torch.outer(pos[1], fh)[None, :, None, :].expand(T, H, W, -1)
+    aw = torch.outer(pos[2], fw)[None, None, :, :].expand(T, H, W, -1)
+    angles = torch.cat((at, ah, aw), dim=-1).reshape(T * H * W, -1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope_split_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[p], x[p + D/2]) by angle p, in fp32; x: (B, L, H, D), cos/sin: (L, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class DiTAttention(nn.Module):
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q_proj = Linear(dim, dim, bias=False)
+        self.k_proj = Linear(context_dim, dim, bias=False)
+        self.v_proj = Linear(context_dim, dim, bias=False)
+        self.output_proj = Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+
+    def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = context.shape
+        k = self.k_norm(self.k_proj(context).view(B, S, self.num_heads, -1))
+        v = self.v_proj(context).view(B, S, self.num_heads, -1)
+        return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+
+    def forward(self, x, rope=None, kv=None):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, -1))
+        if kv is None:  # self-attention, with RoPE on q and k
+            k, v = self.key_value(x)
+            q = apply_rope_split_half(q, *rope)
+            k = apply_rope_split_half(k.transpose(1, 2), *rope).transpose(1, 2)
+        else:
+            k, v = kv
+            if k.shape[0] != B:
+                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        return self.output_proj(attention(q.transpose(1, 2), k, v))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.layer1 = Linear(dim, hidden, bias=False)
+        self.layer2 = Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.layer2(F.gelu(self.layer1(x)))
+
+
+def _adaln(dim: int, lora_dim: int, chunks: int) -> nn.Sequential:
+    # Index 0 is the SiLU so the released keys come out as `.1.weight` / `.2.weight`.
+    return nn.Sequential(nn.SiLU(), Linear(dim, lora_dim, bias=False), Linear(lora_dim, chunks * dim, bias=False))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift).to(dtype)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, p: DiTParams):
+        super().__init__()
+        D = p.model_channels
+        self.self_attn = DiTAttention(D, D, p.num_heads)
+        self.cross_attn = DiTAttention(D, p.context_dim, p.num_heads)
+        self.mlp = MLP(D, p.mlp_dim)
+        self.adaln_modulation_self_attn = _adaln(D, p.adaln_lora_dim, 3)
+        self.adaln_modulation_cross_attn = _adaln(D, p.adaln_lora_dim, 3)
+        self.adaln_modulation_mlp = _adaln(D, p.adaln_lora_dim, 3)
+
+    def forward(self, x, emb, adaln_lora, rope, kv):
+        # x: (B, L, D) residual stream; emb, adaln_lora: (B, 1, D), (B, 1, 3D) in the compute dtype
+        dt = emb.dtype
+        shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        x = x + gate * self.self_attn(_modulate(x, shift, scale, dt), rope=rope)
+        shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        x = x + gate * self.cross_attn(_modulate(x, shift, scale, dt), kv=kv)
+        shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(x, shift, scale, dt))
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = Linear(dim, dim, bias=False)
+        self.linear_2 = Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        # Index 0 stands for ComfyUI's Rearrange (no weights), so the key is `x_embedder.proj.1.weight`.
+        self.proj = nn.Sequential(nn.Identity(), Linear(in_features, dim, bias=False))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, p: DiTParams):
+        super().__init__()
+        D = p.model_channels
+        self.adaln_modulation = _adaln(D, p.adaln_lora_dim, 2)
+        self.linear = Linear(D, p.patch_spatial**2 * p.patch_temporal * p.out_channels, bias=False)
+
+
+class AnimaDiT(nn.Module):
+    """Anima's Cosmos-Predict2 DiT with its LLM adapter (`llm_adapter`); attribute names are the released keys.
+
+    forward(x, timestep, context) -> v
+        x [B, in_channels, T, h, w] (any float dtype; T = 1 for images), timestep [B] = sigma in [0, 1] (not x1000),
+        context [B or 1, S, context_dim] = `encode_context` output. Returns the velocity, float32, shaped like x.
+        Odd h/w are padded circularly to the patch size and the output cropped back (ComfyUI pad_to_patch_size).
+    encode_context(qwen_hidden [B, N, source_dim], t5_ids [B, M] long, t5_weights [B, M]) -> [B, max(512, M), ctx]
+        The adapter in the compute dtype, rows scaled by the T5 weights, zero rows appended up to 512 (never cut).
+    Computation runs in `compute_dtype` (the weights' dtype; for fp8 weights the loader's choice) with fp32 for the
+    timestep sinusoid and the RoPE rotation. fp16 keeps the residual stream in fp32. Cross-attention K/V of a context
+    are computed once and reused while the same context (by value) and the same k/v weights come back.
+    """
+
+    def __init__(self, params: DiTParams, adapter: AdapterParams):
+        super().__init__()
+        D, heads = params.model_channels, params.num_heads
+        if D % heads or (D // heads) % 2 or rope_split(D // heads)[1] <= 2:
+            raise ConfigError(
+                f"DiT width {D} with {heads} heads gives head_dim {D / heads:g}; it must be an even integer >= 12"
+            )
+        if params.patch_temporal != 1:
+            raise ConfigError(f"DiT temporal patch {params.patch_temporal} is not supported (Anima uses 1)")
+        self.params = params
+        p = params.patch_spatial
+        self.x_embedder = PatchEmbed((params.in_channels + 1) * p * p * params.patch_temporal, D)
+        self.t_embedder = nn.Sequential(nn.Identity(), TimestepEmbedding(D))
+        self.t_embedding_norm = RMSNorm(D)
+        self.blocks = nn.ModuleList(DiTBlock(params) for _ in range(params.num_blocks))
+        self.final_layer = FinalLayer(params)
+        self.llm_adapter = LLMAdapter(adapter)
+        self._compute_dtype: torch.dtype | None = None
+        # Lazily built constants (plain attributes, not buffers: the module is built on the meta device).
+        self._rope_cache: dict = {}
+        self._kv_cache: list = []
+
+    # -- dtype -------------------------------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self._compute_dtype is not None:
+            return self._compute_dtype
+        w = self.x_embedder.proj[1].weight
+        if w.dtype in FP8_DTYPES:
+            return torch.bfloat16 if w.is_cuda else torch.float32
+        return w.dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype | None) -> None:
+        self._compute_dtype = dtype
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
+        self._rope_cache.clear()
+        self._kv_cache.clear()
+
+    # -- conditioning ------------------------------------------------------------------------------------------------
+    def encode_context(self, qwen_hidden: torch.Tensor, t5_ids: torch.Tensor, t5_weights: torch.Tensor) -> torch.Tensor:
+        dt = self.compute_dtype
+        device = self.llm_adapter.out_proj.weight.device
+        out = self.llm_adapter(qwen_hidden.to(device, dt), t5_ids.to(device, torch.long))
+        out = out * t5_weights.to(device, dt)[..., None]
+        if out.shape[1] < CONTEXT_ROWS:
+            out = F.pad(out, (0, 0, 0, CONTEXT_ROWS - out.shape[1]))
+        return out
+
+    def prepare_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block (k, v) [B, H, S, D] of the cross-attention; cached, so a sampler's steps project it once."""
+        device = self.x_embedder.proj[1].weight.device
+        context = context.to(device, self.compute_dtype)
+        stamp = self._weights_stamp()
+        for i, (ctx, st, kv) in enumerate(self._kv_cache):
+            if st == stamp and ctx.shape == context.shape and ctx.device == context.device and torch.equal(ctx, context):
+                self._kv_cache.insert(0, self._kv_cache.pop(i))
+                return kv
+        kv = [block.cross_attn.key_value(context) for block in self.blocks]
+        # Two entries: cond and uncond (or a batched pair), as a CFG sampler alternates between them.
+        self._kv_cache.insert(0, (context.clone(), stamp, kv))
+        del self._kv_cache[2:]
+        return kv
+
+    def _weights_stamp(self) -> tuple:
+        # Detects LoRA patches or reloads of the k/v weights (in place or by replacement) since K/V were cached.
+        out = []
+        for block in self.blocks:
+            for layer in (block.cross_attn.k_proj, block.cross_attn.v_proj, block.cross_attn.k_norm):
+                w = layer.weight
+                try:
+                    version = w._version
+                except RuntimeError:  # inference tensors have no version counter
+                    version = None
+                out.append((w.data_ptr(), version))
+            out.append(id(block.cross_attn.k_proj.weight_scale))
+        return tuple(out)
+
+    def _rope(self, T: int, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (T, H, W, str(device))
+        if key not in self._rope_cache:
+            p = self.params
+            self._rope_cache[key] = rope_3d(T, H, W, p.head_dim, p.rope_extrapolation, device)
+        return self._rope_cache[key]
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        dt = self.compute_dtype
+        device = self.x_embedder.proj[1].weight.device
+        B, C, T, H, W = x.shape
+        ps = p.patch_spatial
+        pad_h, pad_w = -H % ps, -W % ps
+        x = x.to(device, dt)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h, 0, 0), mode="circular")
+        Hp, Wp = (H + pad_h) // ps, (W + pad_w) // ps
+        x = torch.cat((x, torch.zeros_like(x[:, :1])), dim=1)  # all-zero padding-mask channel
+        # patchify "b c t (h m) (w n) -> b (t h w) (c m n)"
+        x = x.reshape(B, C + 1, T, Hp, ps, Wp, ps).permute(0, 2, 3, 5, 1, 4, 6).reshape(B, T * Hp * Wp, -1)
+        x = self.x_embedder.proj[1](x)  # (B, L, D)
+
+        e = timestep_sinusoid(timestep.to(device).reshape(-1).expand(B), p.model_channels).to(dt)[:, None]
+        adaln_lora = self.t_embedder[1](e)  # (B, 1, 3D)
+        emb = self.t_embedding_norm(e)  # AdaLN-LoRA: the blocks see the normalised sinusoid itself
+
+        rope = self._rope(T, Hp, Wp, device)
+        kv = self.prepare_context(context)
+        if dt == torch.float16:
+            x = x.float()  # fp16 range is too small for the residual stream
+        for block, block_kv in zip(self.blocks, kv):
+            x = block(x, emb, adaln_lora, rope, block_kv)
+
+        D = p.model_channels
+        shift, scale = (self.final_layer.adaln_modulation(emb) + adaln_lora[..., : 2 * D]).chunk(2, dim=-1)
+        y = self.final_layer.linear(_modulate(x.to(dt), shift, scale, dt))  # (B, L, ps*ps*Cout)
+        # unpatchify: output features are ordered (p1, p2, t, C)
+        y = y.reshape(B, T, Hp, Wp, ps, ps, p.out_channels).permute(0, 6, 1, 2, 4, 3, 5)
+        y = y.reshape(B, p.out_channels, T, Hp * ps, Wp * ps)
+        return y[:, :, :, :H, :W].float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DiT loading: sizes from shapes, meta-device build, strict load, fp8 kept per layer
+# ---------------------------------------------------------------------------------------------------------------------
+
+DIT_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
+# Kept out of fp8 even when the file stores them fp8: fp8 timestep/AdaLN weights corrupt every token (formats.md §1.5).
+_HIGH_PRECISION = re.compile(r"^(t_embedder\.|t_embedding_norm\.)|adaln_modulation")
+
+# What a file that is not an Anima DiT looks like, by a key fragment it carries (checked in order).
+_LOOKALIKES = (
+    (("lora_down", "lora_up", "lora_A", "lora_B", "lokr_w", "hada_w", ".alpha"), "a LoRA; pass it with --lora"),
+    (("decoder.middle.", "encoder.downsamples.", "decoder.upsamples."), "a VAE; pass it with --vae"),
+    (("embed_tokens.weight", "layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"), "a text encoder; pass it with --te"),
+    (("transformer_blocks.0.attn1.to_q",), "a diffusers-format transformer; use the ComfyUI split file (net.* keys)"),
+    (("input_blocks.", "double_blocks.", "joint_blocks."), "an SD/SDXL/Flux/SD3 model, not Anima"),
+)
+
+
+def _looks_like(keys) -> str:
+    for fragments, what in _LOOKALIKES:
+        if any(f in k for k in keys for f in fragments):
+            return what
+    return "not an Anima diffusion model (no x_embedder.proj.1.weight)"
+
+
+def _count_indexed(keys, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    if found and found != set(range(len(found))):
+        missing = sorted(set(range(max(found) + 1)) - found)
+        raise CheckpointMismatch(f"{prefix}N indices are not contiguous (missing {missing[:5]})")
+    return len(found)
+
+
+def infer_dit_params(sd: dict[str, torch.Tensor], path: str | os.PathLike = "state dict") -> tuple[DiTParams, AdapterParams]:
+    """DiT and adapter sizes from tensor shapes alone (keys without the file prefix)."""
+    if "x_embedder.proj.1.weight" not in sd:
+        raise CheckpointError(f"{path}: looks like {_looks_like(sd)}")
+    if "llm_adapter.embed.weight" not in sd:
+        raise CheckpointError(f"{path}: a Cosmos-Predict2 DiT without Anima's llm_adapter; use an Anima model file")
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointMismatch(f"{path}: not a complete Anima file — missing {key}; download it again")
+        return tuple(sd[key].shape)
+
+    try:
+        D, patch_in = shape("x_embedder.proj.1.weight")
+        head_dim = shape("blocks.0.self_attn.q_norm.weight")[0]
+        dit = DiTParams(
+            model_channels=D,
+            num_blocks=_count_indexed(sd, "blocks."),
+            num_heads=D // head_dim,
+            mlp_dim=shape("blocks.0.mlp.layer1.weight")[0],
+            in_channels=patch_in // 4 - 1,
+            out_channels=shape("final_layer.linear.weight")[0] // 4,
+            context_dim=shape("blocks.0.cross_attn.k_proj.weight")[1],
+            adaln_lora_dim=shape("blocks.0.adaln_modulation_self_attn.1.weight")[0],
+        )
+        vocab, target_dim = shape("llm_adapter.embed.weight")
+        model_dim = shape("llm_adapter.blocks.0.self_attn.q_proj.weight")[1]
+        adapter = AdapterParams(
+            source_dim=shape("llm_adapter.blocks.0.cross_attn.k_proj.weight")[1],
+            model_dim=model_dim,
+            target_dim=target_dim,
+            num_layers=_count_indexed(sd, "llm_adapter.blocks."),
+            num_heads=model_dim // shape("llm_adapter.blocks.0.self_attn.q_norm.weight")[0],
+            vocab_size=vocab,
+            mlp_dim=shape("llm_adapter.blocks.0.mlp.0.weight")[0],
+        )
+    except CheckpointMismatch as exc:
+        msg = str(exc)
+        raise CheckpointMismatch(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except ValueError:
+        raise CheckpointMismatch(f"{path}: an Anima key has an unexpected number of dimensions") from None
+    if D % head_dim or patch_in % 4:
+        raise CheckpointMismatch(f"{path}: width {D} is not a multiple of head_dim {head_dim}, or patch input {patch_in}")
+    return dit, adapter
+
+
+def load_dit(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    keep_fp8: bool = True,
+) -> AnimaDiT:
+    """Load an Anima DiT + adapter file (prefix net./model.diffusion_model./diffusion_model. or bare), strict.
+
+    dtype: the compute dtype and the storage dtype of non-fp8 tensors (None: as stored; fp8 files then compute in
+    bf16 on CUDA, fp32 on CPU). A float8 dtype stores the linear weights fp8 and computes in the default above.
+    fp8 linear weights (plain, or ComfyUI scaled) stay fp8 and are upcast per call unless keep_fp8 is false;
+    timestep-embedding and AdaLN weights are always dequantised at load.
+    """
+    sd, _meta = read_checkpoint(path, DIT_PREFIXES)
+    dit_params, adapter_params = infer_dit_params(sd, path)
+    with torch.device("meta"):
+        model = AnimaDiT(dit_params, adapter_params)
+
+    device = torch.device(device)
+    store_fp8 = dtype in FP8_DTYPES
+    has_fp8 = store_fp8 or any(v.dtype in FP8_DTYPES for v in sd.values())
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute = default if (store_fp8 or (dtype is None and has_fp8)) else dtype
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+    scales = split_fp8_scales(sd)
+    for k, v in sd.items():
+        layer = k.rsplit(".", 1)[0]
+        fp8_linear = k in linear_weights and not _HIGH_PRECISION.search(k)
+        if v.dtype in FP8_DTYPES and not (keep_fp8 and fp8_linear):
+            v = v.to(torch.float32) * scales.pop(layer, torch.tensor(1.0))
+            v = v.to(compute or torch.float32)
+        elif v.dtype in FP8_DTYPES:
+            pass
+        elif store_fp8 and fp8_linear:
+            v = v.to(dtype)
+        elif v.is_floating_point() and compute is not None:
+            v = v.to(compute)
+        sd[k] = v
+    for layer, scale in scales.items():  # load_into attaches the remaining scales to their fp8 layers
+        sd[f"{layer}.weight_scale"] = scale
+    load_into(model, sd, path, "Anima diffusion model", device=device, dtype=None, keep_fp8=True)
+    model._compute_dtype = compute
+    model.eval().requires_grad_(False)
+    return model
