@@ -1,0 +1,814 @@
+"""PNG metadata: the recipe rdbt records with every image, in the forms other tools read, and reading it back.
+
+No torch import (stdlib, Pillow and json only), so `rdbt inspect` starts instantly.
+
+The recipe is a plain dict, the single record of how an image was made (schema "rdbt.recipe/1"):
+
+    schema        "rdbt.recipe/1"
+    rdbt_version  str
+    prompt, negative                       str (negative "" when none)
+    seed          int, the resolved 64-bit seed of this image (seed + index for --count)
+    steps         int
+    cfg, shift    float
+    sampler, scheduler                     ComfyUI names (er_sde, simple, ...)
+    width, height int
+    model         {"name": file stem, "file": file name, "hash": AutoV2 (sha256 of the file, first 10 hex) | None}
+    text_encoder, vae                      same shape as model, or None when built in / not separate
+    loras         [{"name", "file", "weight": float, "hash": AutoV2 | None, "a1111_hash": AutoV3 (12 hex) | None}]
+    preset        str | None
+    device, dtype str
+    index         int, the image's index within --count
+    ...           any extra keys are kept as they are
+
+A PNG written by `save_png` carries four text chunks (spec formats.md §4):
+
+    parameters   the A1111/Forge infotext (what Civitai, A1111 "PNG Info" and prompt readers parse)
+    rdbt         json.dumps(recipe), the authoritative copy `read_png` prefers
+    prompt       ComfyUI API graph of an equivalent Anima workflow
+    workflow     ComfyUI UI graph of the same workflow (drag the PNG onto ComfyUI to open it)
+
+ASCII text goes into tEXt; any other text into uncompressed iTXt (UTF-8), so Japanese and emoji survive unchanged.
+
+For images from other tools, `read_png` normalises what it finds into the same recipe keys: `file` of a model is then
+the name as recorded (A1111 records no extension), unknown A1111 fields go to recipe["extra"], and a LoRA known only
+from `Lora hashes` (no `<lora:...>` tag) gets weight 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import struct
+import time
+import zlib
+from pathlib import Path
+
+from rdbt_cli.errors import OutputError
+
+SCHEMA = "rdbt.recipe/1"
+
+# A1111/Forge labels for the ComfyUI sampler and scheduler names they share (formats.md §4.1). Names without an A1111
+# label (er_sde, sa_solver_pece, res_multistep, linear_quadratic, ...) are written as the ComfyUI name.
+A1111_SAMPLERS = {
+    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "lms": "LMS", "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a", "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "dpm_fast": "DPM fast",
+    "dpm_adaptive": "DPM adaptive", "ddim": "DDIM", "uni_pc": "UniPC", "lcm": "LCM",
+}
+A1111_SCHEDULERS = {
+    "simple": "Simple", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform", "beta": "Beta", "kl_optimal": "KL Optimal", "ddim_uniform": "DDIM",
+}
+_SAMPLER_FROM_LABEL = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+_SCHEDULER_FROM_LABEL = {v.lower(): k for k, v in A1111_SCHEDULERS.items()}
+
+# Anima's official ComfyUI template (anima.md §5.6): the file names ComfyUI users have, used when the recipe has none.
+COMFY_DEFAULT_TE = "qwen_3_06b_base.safetensors"
+COMFY_DEFAULT_VAE = "qwen_image_vae.safetensors"
+DEFAULT_SHIFT = 3.0
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_TEXT = 64 << 20  # inflated zTXt/iTXt limit: a decompression bomb is a corrupt file, not an out-of-memory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A1111 / Forge `parameters`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _num(x) -> str:
+    """4.0 -> "4", 4.5 -> "4.5": A1111's spelling of whole-number floats (formats.md §4.1 example `CFG scale: 4`)."""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x)
+
+
+def _quote(value: str) -> str:
+    """A1111 infotext quoting: a value holding `,`, `:` or a newline becomes a JSON string with non-ASCII kept."""
+    if any(c in value for c in ",:\n"):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _tag_name(name: str) -> str:
+    # A1111 removes ":" and "," from LoRA names in `Lora hashes`; "<" and ">" would end a <lora:...> tag early.
+    return re.sub(r"[:,<>]", "", name).strip()
+
+
+def _lora_hash(lora: dict) -> str | None:
+    # AutoV3 (A1111's own choice, Civitai's best match rate), else AutoV2, which Civitai also matches.
+    return lora.get("a1111_hash") or lora.get("hash")
+
+
+def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
+    """The A1111/Forge `parameters` infotext for a recipe (formats.md §4.1 layout, field order and quoting).
+
+    With lora_tags, `<lora:NAME:WEIGHT>` tags are appended to the recorded prompt (unless already there) so that
+    Civitai picks up each LoRA with its weight; `read_png` strips them again.
+    """
+    prompt = recipe.get("prompt") or ""
+    loras = [l for l in recipe.get("loras") or [] if l.get("name")]
+    if lora_tags:
+        tags = [f"<lora:{_tag_name(l['name'])}:{_num(float(l.get('weight', 1.0)))}>" for l in loras]
+        tags = [t for t in tags if t not in prompt]
+        if tags:
+            prompt = (prompt.rstrip() + " " if prompt.strip() else "") + " ".join(tags)
+
+    fields: list[tuple[str, object]] = [
+        ("Steps", recipe.get("steps")),
+        ("Sampler", A1111_SAMPLERS.get(recipe.get("sampler"), recipe.get("sampler"))),
+        ("Schedule type", A1111_SCHEDULERS.get(recipe.get("scheduler"), recipe.get("scheduler"))),
+        ("CFG scale", recipe.get("cfg")),
+        ("Seed", recipe.get("seed")),
+    ]
+    if recipe.get("width") and recipe.get("height"):
+        fields.append(("Size", f"{recipe['width']}x{recipe['height']}"))
+    model = recipe.get("model") or {}
+    fields += [("Model hash", model.get("hash")), ("Model", model.get("name"))]
+    vae = recipe.get("vae") or {}
+    fields += [("VAE hash", vae.get("hash")), ("VAE", vae.get("file") or vae.get("name"))]
+    # Forge Neo's field for flow models (formats.md §4.1), written like `Clip skip` only when not the default;
+    # extension fields come before Version.
+    shift = recipe.get("shift")
+    fields.append(("Shift", shift if shift is not None and float(shift) != DEFAULT_SHIFT else None))
+    hashes = [(_tag_name(l["name"]), _lora_hash(l)) for l in loras]
+    fields.append(("Lora hashes", ", ".join(f"{n}: {h}" for n, h in hashes if h) or None))
+    fields.append(("Version", f"rdbt {recipe.get('rdbt_version') or _version()}"))
+    # Forge lists separately loaded modules after Version.
+    te = recipe.get("text_encoder") or {}
+    fields.append(("Module 1", te.get("name")))
+
+    pairs = []
+    for key, value in fields:
+        if value is None or value == "":
+            continue
+        pairs.append(f"{key}: {_quote(_num(value) if isinstance(value, (int, float)) else str(value))}")
+
+    lines = [prompt]
+    if recipe.get("negative"):
+        lines.append(f"Negative prompt: {recipe['negative']}")
+    lines.append(", ".join(pairs))
+    return "\n".join(lines).strip()
+
+
+def _version() -> str:
+    from rdbt_cli import __version__
+
+    return __version__
+
+
+_KEY = re.compile(r"\s*(\w[\w \-/]*?)\s*:\s*")
+
+
+def parse_parameter_line(line: str) -> list[tuple[str, str]]:
+    """`Key: value, Key: "json string", Key: {json}` pairs of an infotext line, in order (A1111 infotext_utils)."""
+    pairs = []
+    pos, n = 0, len(line)
+    decoder = json.JSONDecoder()
+    while pos < n:
+        m = _KEY.match(line, pos)
+        if not m:
+            nxt = line.find(",", pos)
+            if nxt < 0:
+                break
+            pos = nxt + 1
+            continue
+        key, pos = m.group(1), m.end()
+        value = None
+        if pos < n and line[pos] in '"{[':
+            try:
+                obj, end = decoder.raw_decode(line, pos)
+                rest = line[end:].lstrip(" ")
+                if not rest or rest.startswith(","):
+                    value = obj if isinstance(obj, str) else line[pos:end]
+                    pos = end
+            except ValueError:
+                pass
+        if value is None:
+            nxt = line.find(",", pos)
+            end = n if nxt < 0 else nxt
+            value, pos = line[pos:end].strip(), end
+        pairs.append((key, value))
+        nxt = line.find(",", pos)
+        pos = n if nxt < 0 else nxt + 1
+    return pairs
+
+
+_LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([^:>]*)(?::[^>]*)?>")
+
+
+def parse_parameters_text(text: str) -> dict:
+    """Parse an A1111/Forge-style infotext into recipe fields (also what many other tools write)."""
+    lines = text.strip().replace("\r\n", "\n").split("\n")
+    params: list[tuple[str, str]] = []
+    if lines and len(parse_parameter_line(lines[-1])) >= 3:
+        params = parse_parameter_line(lines.pop())
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if not in_negative and line.lstrip().startswith("Negative prompt:"):
+            in_negative = True
+            line = line.lstrip()[len("Negative prompt:"):].lstrip()
+        (negative if in_negative else prompt).append(line)
+
+    recipe: dict = {"prompt": "\n".join(prompt).strip(), "negative": "\n".join(negative).strip()}
+    loras: dict[str, dict] = {}
+
+    def tag(m):
+        name = m.group(1).strip()
+        try:
+            weight = float(m.group(2))
+        except ValueError:
+            weight = 1.0
+        loras.setdefault(name, {"name": name, "file": name, "weight": weight, "hash": None, "a1111_hash": None})
+        return ""
+
+    recipe["prompt"] = _LORA_TAG.sub(tag, recipe["prompt"]).strip().rstrip(",").rstrip()
+
+    fields = dict(params)
+    extra = {}
+    schedule = fields.get("Schedule type")
+    for key, value in params:
+        if key == "Steps":
+            recipe["steps"] = _int(value)
+        elif key == "Sampler":
+            sampler, implied = _sampler_from_label(value)
+            recipe["sampler"] = sampler
+            if implied and not schedule:
+                recipe["scheduler"] = implied
+        elif key == "Schedule type":
+            recipe["scheduler"] = _SCHEDULER_FROM_LABEL.get(value.lower(), value)
+        elif key == "CFG scale":
+            recipe["cfg"] = _float(value)
+        elif key == "Seed":
+            recipe["seed"] = _int(value)
+        elif key == "Size":
+            m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", value)
+            if m:
+                recipe["width"], recipe["height"] = int(m.group(1)), int(m.group(2))
+        elif key == "Shift":
+            recipe["shift"] = _float(value)
+        elif key == "Model":
+            recipe.setdefault("model", {"name": value, "file": value, "hash": None}).update(name=value, file=value)
+        elif key == "Model hash":
+            recipe.setdefault("model", {"name": None, "file": None, "hash": None})["hash"] = value
+        elif key == "VAE":
+            recipe.setdefault("vae", {"name": None, "file": None, "hash": None}).update(
+                name=value.rsplit(".", 1)[0] if value.endswith((".safetensors", ".pt", ".ckpt")) else value, file=value
+            )
+        elif key == "VAE hash":
+            recipe.setdefault("vae", {"name": None, "file": None, "hash": None})["hash"] = value
+        elif key == "Lora hashes":
+            for item in value.split(","):
+                name, _, h = item.rpartition(":")
+                name, h = name.strip(), h.strip()
+                if name and h:
+                    entry = loras.setdefault(
+                        name, {"name": name, "file": name, "weight": 1.0, "hash": None, "a1111_hash": None}
+                    )
+                    entry["hash" if len(h) == 10 else "a1111_hash"] = h
+        elif key == "Hashes":
+            try:
+                table = json.loads(value)
+            except ValueError:
+                extra[key] = value
+                continue
+            for name, h in table.items() if isinstance(table, dict) else ():
+                if name == "model":
+                    recipe.setdefault("model", {"name": None, "file": None, "hash": None})
+                    recipe["model"]["hash"] = recipe["model"]["hash"] or h
+                elif name == "vae":
+                    recipe.setdefault("vae", {"name": None, "file": None, "hash": None})
+                    recipe["vae"]["hash"] = recipe["vae"]["hash"] or h
+                elif name.startswith("lora:"):
+                    entry = loras.setdefault(
+                        name[5:], {"name": name[5:], "file": name[5:], "weight": 1.0, "hash": None, "a1111_hash": None}
+                    )
+                    key_ = "hash" if len(h) == 10 else "a1111_hash"
+                    entry[key_] = entry[key_] or h
+        elif key == "Version":
+            recipe["generator"] = value
+        elif key == "Module 1":
+            name = value.rsplit(".", 1)[0] if value.endswith(".safetensors") else value
+            recipe["text_encoder"] = {"name": name, "file": value, "hash": None}
+        else:
+            extra[key] = value
+    recipe["loras"] = list(loras.values())
+    if extra:
+        recipe["extra"] = extra
+    return recipe
+
+
+def _sampler_from_label(label: str) -> tuple[str, str | None]:
+    """ComfyUI sampler name for an A1111 label; old A1111 labels carry the schedule ("DPM++ 2M Karras")."""
+    low = label.strip().lower()
+    if low in _SAMPLER_FROM_LABEL:
+        return _SAMPLER_FROM_LABEL[low], None
+    for suffix, scheduler in ((" karras", "karras"), (" exponential", "exponential"), (" sgm uniform", "sgm_uniform")):
+        if low.endswith(suffix) and low[: -len(suffix)] in _SAMPLER_FROM_LABEL:
+            return _SAMPLER_FROM_LABEL[low[: -len(suffix)]], scheduler
+    return label.strip(), None
+
+
+def _int(v):
+    try:
+        return int(str(v).strip())
+    except ValueError:
+        return None
+
+
+def _float(v):
+    try:
+        return float(str(v).strip())
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ComfyUI graphs
+# ---------------------------------------------------------------------------------------------------------------------
+
+# class_type -> (title, output (name, type) list); the subset of ComfyUI's nodes an Anima workflow uses.
+_COMFY_NODES = {
+    "UNETLoader": ("Load Diffusion Model", [("MODEL", "MODEL")]),
+    "CLIPLoader": ("Load CLIP", [("CLIP", "CLIP")]),
+    "VAELoader": ("Load VAE", [("VAE", "VAE")]),
+    "LoraLoaderModelOnly": ("LoraLoaderModelOnly", [("MODEL", "MODEL")]),
+    "ModelSamplingAuraFlow": ("ModelSamplingAuraFlow", [("MODEL", "MODEL")]),
+    "CLIPTextEncode": ("CLIP Text Encode (Prompt)", [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ("Empty Latent Image", [("LATENT", "LATENT")]),
+    "KSampler": ("KSampler", [("LATENT", "LATENT")]),
+    "VAEDecode": ("VAE Decode", [("IMAGE", "IMAGE")]),
+    "SaveImage": ("Save Image", []),
+}
+
+
+def _file_name(component, default: str) -> str:
+    # ComfyUI names files relative to its model folder; the base name is the best guess for a user's layout.
+    if isinstance(component, dict) and component.get("file"):
+        return Path(str(component["file"]).replace("\\", "/")).name
+    return default
+
+
+def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
+    """(API `prompt` graph, UI `workflow` graph) of the Anima ComfyUI workflow that makes this recipe's image.
+
+    The official template (anima.md §5.6) plus one LoraLoaderModelOnly per LoRA and, when the shift is not 3, a
+    ModelSamplingAuraFlow node (multiplier 1, the semantics of rdbt's --shift; sampling.md §1.2).
+    """
+    nodes: list[dict] = []  # {"id", "class", "title", "widgets": [(name, value)], "links": [(name, src, slot, type)]}
+
+    def add(class_type, widgets=(), links=(), title=None, col=0):
+        node = {"id": len(nodes) + 1, "class": class_type, "title": title or _COMFY_NODES[class_type][0],
+                "widgets": list(widgets), "links": list(links), "col": col}
+        nodes.append(node)
+        return node["id"]
+
+    unet = add("UNETLoader", [("unet_name", _file_name(recipe.get("model"), "anima.safetensors")),
+                              ("weight_dtype", "default")])
+    clip = add("CLIPLoader", [("clip_name", _file_name(recipe.get("text_encoder"), COMFY_DEFAULT_TE)),
+                              ("type", "stable_diffusion"), ("device", "default")])
+    vae = add("VAELoader", [("vae_name", _file_name(recipe.get("vae"), COMFY_DEFAULT_VAE))])
+    model = unet
+    for lora in recipe.get("loras") or []:
+        model = add("LoraLoaderModelOnly", [("lora_name", _file_name(lora, f"{lora.get('name')}.safetensors")),
+                                            ("strength_model", float(lora.get("weight", 1.0)))],
+                    [("model", model, 0, "MODEL")], col=1)
+    shift = recipe.get("shift")
+    if shift is not None and float(shift) != DEFAULT_SHIFT:
+        model = add("ModelSamplingAuraFlow", [("shift", float(shift))], [("model", model, 0, "MODEL")], col=1)
+    pos = add("CLIPTextEncode", [("text", recipe.get("prompt") or "")], [("clip", clip, 0, "CLIP")],
+              title="CLIP Text Encode (Positive Prompt)", col=2)
+    neg = add("CLIPTextEncode", [("text", recipe.get("negative") or "")], [("clip", clip, 0, "CLIP")],
+              title="CLIP Text Encode (Negative Prompt)", col=2)
+    latent = add("EmptyLatentImage", [("width", int(recipe.get("width") or 1024)),
+                                      ("height", int(recipe.get("height") or 1024)), ("batch_size", 1)], col=2)
+    sampler = add("KSampler", [("seed", int(recipe.get("seed") or 0)), ("steps", int(recipe.get("steps") or 30)),
+                               ("cfg", float(recipe.get("cfg") if recipe.get("cfg") is not None else 4.0)),
+                               ("sampler_name", recipe.get("sampler") or "er_sde"),
+                               ("scheduler", recipe.get("scheduler") or "simple"), ("denoise", 1.0)],
+                  [("model", model, 0, "MODEL"), ("positive", pos, 0, "CONDITIONING"),
+                   ("negative", neg, 0, "CONDITIONING"), ("latent_image", latent, 0, "LATENT")], col=3)
+    decoded = add("VAEDecode", [], [("samples", sampler, 0, "LATENT"), ("vae", vae, 0, "VAE")], col=4)
+    add("SaveImage", [("filename_prefix", "rdbt")], [("images", decoded, 0, "IMAGE")], col=5)
+
+    api = {}
+    for n in nodes:
+        inputs = dict(n["widgets"])
+        inputs.update({name: [str(src), slot] for name, src, slot, _ in n["links"]})
+        api[str(n["id"])] = {"inputs": inputs, "class_type": n["class"], "_meta": {"title": n["title"]}}
+
+    links, outputs_links = [], {}
+    for n in nodes:
+        for target_slot, (_, src, slot, typ) in enumerate(n["links"]):
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, n["id"], target_slot, typ])
+            outputs_links.setdefault((src, slot), []).append(link_id)
+    ui_nodes, rows = [], {}
+    link_ids = iter(range(1, len(links) + 1))
+    for order, n in enumerate(nodes):
+        row = rows[n["col"]] = rows.get(n["col"], -1) + 1
+        widgets = [v for _, v in n["widgets"]]
+        if n["class"] == "KSampler":
+            widgets.insert(1, "fixed")  # the UI's control_after_generate widget sits right after the seed
+        ui_nodes.append({
+            "id": n["id"], "type": n["class"], "pos": [50 + 420 * n["col"], 50 + 260 * row], "size": [380, 200],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": typ, "link": next(link_ids)} for name, _, _, typ in n["links"]],
+            "outputs": [{"name": name, "type": typ, "links": outputs_links.get((n["id"], slot), []), "slot_index": slot}
+                        for slot, (name, typ) in enumerate(_COMFY_NODES[n["class"]][1])],
+            "title": n["title"], "properties": {"Node name for S&R": n["class"]}, "widgets_values": widgets,
+        })
+    workflow = {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"rdbt": {"schema": recipe.get("schema", SCHEMA)}},
+                "version": 0.4}
+    return api, workflow
+
+
+def _comfy_recipe(graph: dict) -> dict:
+    """Recipe fields from a ComfyUI API graph: the KSampler that feeds a VAEDecode, and what its inputs lead to."""
+    if not isinstance(graph, dict):
+        return {}
+    nodes = {str(k): v for k, v in graph.items() if isinstance(v, dict)}
+
+    def node_of(link):
+        if isinstance(link, list) and link and str(link[0]) in nodes:
+            return nodes[str(link[0])]
+        return None
+
+    def inputs(node):
+        return node.get("inputs") or {} if isinstance(node, dict) else {}
+
+    def text_of(value, depth=0):
+        # A prompt is a string, or a link to a primitive / text node holding one.
+        if isinstance(value, str) or depth > 8:
+            return value if isinstance(value, str) else None
+        src = node_of(value)
+        for key in ("text", "string", "value", "prompt", "text_g"):
+            if key in inputs(src):
+                return text_of(inputs(src)[key], depth + 1)
+        return None
+
+    samplers = [(k, v) for k, v in nodes.items() if v.get("class_type") in ("KSampler", "KSamplerAdvanced")]
+    if not samplers:
+        return {}
+    decoded = {str(inputs(v).get("samples", [None])[0]) for v in nodes.values() if v.get("class_type") == "VAEDecode"}
+    sampler_id, ks = next(((k, v) for k, v in samplers if k in decoded), samplers[0])
+    ki = inputs(ks)
+    recipe: dict = {
+        "seed": ki.get("seed", ki.get("noise_seed")), "steps": ki.get("steps"), "cfg": ki.get("cfg"),
+        "sampler": ki.get("sampler_name"), "scheduler": ki.get("scheduler"),
+        "prompt": "", "negative": "", "loras": [],
+    }
+    for key in ("positive", "negative"):
+        cond = node_of(ki.get(key))
+        for _ in range(16):  # walk through conditioning modifiers (ConditioningZeroOut, ...) to the text encoder
+            if cond is None or "text" in inputs(cond) or "text_g" in inputs(cond):
+                break
+            cond = node_of(next((v for v in inputs(cond).values() if isinstance(v, list)), None))
+        if cond is not None:
+            recipe["prompt" if key == "positive" else key] = text_of(inputs(cond).get("text", inputs(cond).get("text_g"))) or ""
+            clip = node_of(inputs(cond).get("clip"))
+            for _ in range(16):
+                if clip is None or "clip_name" in inputs(clip) or "clip_name1" in inputs(clip):
+                    break
+                clip = node_of(inputs(clip).get("clip"))
+            if clip is not None and "text_encoder" not in recipe:
+                name = inputs(clip).get("clip_name", inputs(clip).get("clip_name1"))
+                if isinstance(name, str):
+                    recipe["text_encoder"] = _component(name)
+    latent = node_of(ki.get("latent_image"))
+    if latent is not None and "width" in inputs(latent):
+        recipe["width"], recipe["height"] = inputs(latent).get("width"), inputs(latent).get("height")
+    model, loras = node_of(ki.get("model")), []
+    for _ in range(64):
+        if model is None:
+            break
+        mi, ct = inputs(model), model.get("class_type", "")
+        if "lora_name" in mi:
+            name = mi["lora_name"]
+            loras.append({**_component(name), "weight": float(mi.get("strength_model", 1.0)), "a1111_hash": None})
+        elif ct.startswith("ModelSampling") and "shift" in mi and "shift" not in recipe:
+            recipe["shift"] = float(mi["shift"])
+        for key in ("unet_name", "ckpt_name", "model_name"):
+            if isinstance(mi.get(key), str):
+                recipe["model"] = _component(mi[key])
+        model = node_of(mi.get("model"))
+    recipe["loras"] = loras[::-1]  # walked from the sampler back, applied from the loader forward
+    for node in nodes.values():
+        if node.get("class_type") == "VAEDecode" and str(inputs(node).get("samples", [None])[0]) == sampler_id:
+            vae = node_of(inputs(node).get("vae"))
+            if vae is not None and isinstance(inputs(vae).get("vae_name"), str):
+                recipe["vae"] = _component(inputs(vae)["vae_name"])
+    return recipe
+
+
+def _component(file: str) -> dict:
+    name = Path(file.replace("\\", "/")).name
+    return {"name": name.rsplit(".", 1)[0] if "." in name else name, "file": file, "hash": None}
+
+
+def _comfy_workflow_recipe(workflow: dict) -> dict:
+    """The little a UI graph alone tells: the first KSampler's widget values."""
+    for node in workflow.get("nodes") or [] if isinstance(workflow, dict) else []:
+        w = node.get("widgets_values") if isinstance(node, dict) else None
+        if node.get("type") == "KSampler" and isinstance(w, list) and len(w) >= 7:
+            return {"seed": w[0], "steps": w[2], "cfg": w[3], "sampler": w[4], "scheduler": w[5], "loras": []}
+    return {"loras": []}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _to_image(pixels):
+    from PIL import Image
+
+    if isinstance(pixels, Image.Image):
+        return pixels
+    shape, dtype = getattr(pixels, "shape", None), str(getattr(pixels, "dtype", type(pixels).__name__))
+    if shape is None or dtype != "uint8" or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (3, 4)):
+        raise OutputError(f"cannot save pixels of shape {shape} and dtype {dtype} as PNG: expected uint8 HxWx3")
+    return Image.fromarray(pixels)
+
+
+def text_chunks(recipe: dict) -> dict[str, str]:
+    """The chunk texts save_png writes for a recipe, by keyword, in writing order."""
+    prompt, workflow = comfy_graphs(recipe)
+    return {
+        "parameters": to_parameters_text(recipe),
+        "rdbt": json.dumps(recipe),
+        "prompt": json.dumps(prompt),
+        "workflow": json.dumps(workflow),
+    }
+
+
+def _pnginfo(recipe: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, text in text_chunks(recipe).items():
+        if text.isascii():
+            info.add_text(key, text)
+        else:
+            info.add_itxt(key, text, lang="", tkey="", zip=False)
+    return info
+
+
+def default_stem(recipe: dict | None) -> str:
+    """`rdbt-YYYYmmdd-HHMMSS-<seed>`: sorts by time, and the seed names the image; numbering settles collisions."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    seed = (recipe or {}).get("seed")
+    return f"rdbt-{stamp}-{seed}" if seed is not None else f"rdbt-{stamp}"
+
+
+def _split_dest(dest, recipe, stem) -> tuple[Path, str]:
+    dest = Path(dest)
+    raw = str(dest)
+    if dest.is_dir() or raw.endswith(("/", os.sep)) or dest.suffix.lower() != ".png":
+        return dest, stem or default_stem(recipe)
+    return dest.parent, dest.stem
+
+
+def _ensure_folder(folder: Path):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(
+            f"{folder}: cannot create the output folder ({e.strerror or e}); choose another folder or fix its path"
+        ) from None
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: is not a folder; choose another output folder")
+
+
+def _new_temp(folder: Path, stem: str) -> tuple[int, Path]:
+    # O_EXCL with a random name: no clash between writers, and the umask applies (mkstemp would force 0600).
+    for _ in range(100):
+        tmp = folder / f".{stem}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(
+                f"{folder}: output folder is not writable ({e.strerror or e}); choose another folder or fix its "
+                "permissions"
+            ) from None
+    raise OutputError(f"{folder}: cannot create a temporary file; clean up stray .tmp files there")
+
+
+def _candidates(folder: Path, stem: str):
+    """stem.png, then stem-0001.png, ... starting after the highest number present, so names sort in save order."""
+    pattern = re.compile(re.escape(stem) + r"-(\d{4,})\.png")
+    try:
+        numbers = [int(m.group(1)) for e in os.scandir(folder) if (m := pattern.fullmatch(e.name))]
+    except OSError:
+        numbers = []
+    if not numbers:
+        yield folder / f"{stem}.png"
+    n = max(numbers, default=0)
+    while True:
+        n += 1
+        yield folder / f"{stem}-{n:04d}.png"
+
+
+def _claim(tmp: Path, folder: Path, stem: str) -> Path:
+    """Give the finished temp file its final name with a create-if-absent operation; never replaces a file."""
+    use_link = True
+    for final in _candidates(folder, stem):
+        if use_link:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                continue
+            except OSError:
+                use_link = False  # no hard links on this file system: reserve the name with O_EXCL, then move
+            else:
+                os.unlink(tmp)
+                return final
+        try:
+            os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        os.replace(tmp, final)
+        return final
+    raise AssertionError("unreachable")
+
+
+def save_png(pixels, dest, recipe: dict | None = None, *, metadata: bool = True, stem: str | None = None) -> Path:
+    """Write an image atomically under a new name and return the path; an existing file is never overwritten.
+
+    pixels: uint8 HxWx3 array or a PIL image. dest: a `.png` path, or a folder (created if missing) in which the file is
+    named `<stem>.png` (default stem: see default_stem). A taken name moves on to `<stem>-0001.png`, `-0002`, ...
+    With metadata and a recipe, the four text chunks of the module docstring are written.
+    """
+    image = _to_image(pixels)
+    folder, stem = _split_dest(dest, recipe, stem)
+    _ensure_folder(folder)
+    pnginfo = _pnginfo(recipe) if metadata and recipe is not None else None
+    fd, tmp = _new_temp(folder, stem)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo, compress_level=4)
+            f.flush()
+            os.fsync(f.fileno())
+        return _claim(tmp, folder, stem)
+    except OSError as e:
+        raise OutputError(f"{folder}: could not write the image ({e.strerror or e}); check free space and permissions") \
+            from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _inflate(data: bytes, path) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, _MAX_TEXT)
+    except zlib.error:
+        raise OutputError(f"{path}: corrupt PNG (a compressed text chunk does not inflate)") from None
+    if d.unconsumed_tail:
+        raise OutputError(f"{path}: corrupt PNG (a compressed text chunk is larger than {_MAX_TEXT >> 20} MiB)")
+    return out
+
+
+def read_text_chunks(path) -> dict[str, str]:
+    """All tEXt / zTXt / iTXt chunks of a PNG by keyword (tEXt and zTXt decoded as Latin-1, iTXt as UTF-8).
+
+    Checks the signature, every chunk's length and CRC, and that IEND is reached; pixel data is not decoded.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise OutputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise OutputError(f"{path}: is a folder, not a PNG file") from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not data.startswith(_PNG_SIGNATURE):
+        raise OutputError(f"{path}: not a PNG file")
+    texts: dict[str, str] = {}
+    pos = len(_PNG_SIGNATURE)
+    while True:
+        if pos + 8 > len(data):
+            raise OutputError(f"{path}: corrupt PNG (truncated before the IEND chunk)")
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        body_end = pos + 8 + length
+        if body_end + 4 > len(data):
+            raise OutputError(f"{path}: corrupt PNG (truncated inside a {kind.decode('latin-1')!r} chunk)")
+        body = data[pos + 8: body_end]
+        (crc,) = struct.unpack(">I", data[body_end: body_end + 4])
+        if zlib.crc32(kind + body) != crc:
+            raise OutputError(f"{path}: corrupt PNG (bad checksum in a {kind.decode('latin-1')!r} chunk)")
+        pos = body_end + 4
+        if kind == b"IEND":
+            return texts
+        try:
+            if kind == b"tEXt":
+                key, _, text = body.partition(b"\0")
+                texts[key.decode("latin-1")] = text.decode("latin-1")
+            elif kind == b"zTXt":
+                key, _, rest = body.partition(b"\0")
+                texts[key.decode("latin-1")] = _inflate(rest[1:], path).decode("latin-1")
+            elif kind == b"iTXt":
+                key, _, rest = body.partition(b"\0")
+                compressed, rest = rest[0], rest[2:]
+                _lang, _, rest = rest.partition(b"\0")
+                _tkey, _, text = rest.partition(b"\0")
+                texts[key.decode("latin-1")] = (_inflate(text, path) if compressed else text).decode("utf-8")
+        except (IndexError, UnicodeDecodeError):
+            raise OutputError(f"{path}: corrupt PNG (malformed {kind.decode('latin-1')!r} text chunk)") from None
+
+
+def read_png(path) -> dict:
+    """{"source": "rdbt" | "a1111" | "comfyui", "recipe": normalised recipe fields, "raw": {chunk keyword: text}}.
+
+    Prefers rdbt's own chunk, then A1111 `parameters`, then ComfyUI's `prompt` (and, without it, `workflow`) graph.
+    """
+    raw = read_text_chunks(path)
+    if "rdbt" in raw:
+        try:
+            recipe = json.loads(raw["rdbt"])
+        except ValueError:
+            recipe = None
+        if isinstance(recipe, dict) and str(recipe.get("schema", "")).startswith("rdbt.recipe/"):
+            return {"source": "rdbt", "recipe": recipe, "raw": raw}
+    if "Steps:" in raw.get("parameters", ""):
+        return {"source": "a1111", "recipe": parse_parameters_text(raw["parameters"]), "raw": raw}
+    for key, parse in (("prompt", _comfy_recipe), ("workflow", _comfy_workflow_recipe)):
+        if key in raw:
+            try:
+                recipe = parse(json.loads(raw[key]))
+            except ValueError:
+                continue
+            if recipe.get("seed") is not None or recipe.get("prompt"):
+                return {"source": "comfyui", "recipe": recipe, "raw": raw}
+    if raw.get("parameters", "").strip():
+        return {"source": "a1111", "recipe": parse_parameters_text(raw["parameters"]), "raw": raw}
+    raise OutputError(f"{path}: no generation metadata found (saved with --no-metadata, or stripped by another tool)")
+
+
+def _fmt_component(c) -> str | None:
+    if not isinstance(c, dict) or not (c.get("name") or c.get("file")):
+        return None
+    label = c.get("file") or c.get("name")
+    return f"{label} [{c['hash']}]" if c.get("hash") else str(label)
+
+
+def summarise(info: dict) -> str:
+    """A readable multi-line summary of read_png's result, for `rdbt inspect`."""
+    r = info.get("recipe") or {}
+    src = info.get("source", "?")
+    if src == "rdbt" and r.get("rdbt_version"):
+        src = f"rdbt {r['rdbt_version']}"
+    elif r.get("generator"):
+        src = f"{src} ({r['generator']})"
+    rows: list[tuple[str, str]] = [("source", src)]
+
+    def add(label, value):
+        if value is not None and value != "":
+            rows.append((label, str(value)))
+
+    add("prompt", r.get("prompt"))
+    add("negative", r.get("negative"))
+    if r.get("width") and r.get("height"):
+        add("size", f"{r['width']}x{r['height']}")
+    add("seed", r.get("seed"))
+    add("steps", r.get("steps"))
+    add("cfg", _num(r["cfg"]) if isinstance(r.get("cfg"), (int, float)) else r.get("cfg"))
+    sampler = " / ".join(str(r[k]) for k in ("sampler", "scheduler") if r.get(k))
+    add("sampler", sampler)
+    add("shift", _num(r["shift"]) if isinstance(r.get("shift"), (int, float)) else r.get("shift"))
+    add("model", _fmt_component(r.get("model")))
+    add("text encoder", _fmt_component(r.get("text_encoder")))
+    add("vae", _fmt_component(r.get("vae")))
+    for lora in r.get("loras") or []:
+        h = _lora_hash(lora)
+        weight = lora.get("weight")
+        label = f"{lora.get('file') or lora.get('name')} x {_num(float(weight)) if weight is not None else '?'}"
+        add("lora", f"{label} [{h}]" if h else label)
+    add("preset", r.get("preset"))
+    if r.get("device") or r.get("dtype"):
+        add("device", " ".join(str(r[k]) for k in ("device", "dtype") if r.get(k)))
+    add("index", r.get("index"))
+    for key, value in (r.get("extra") or {}).items():
+        add(key, value)
+    raw = info.get("raw") or {}
+    if raw:
+        add("chunks", ", ".join(f"{k} ({len(v.encode('utf-8'))} B)" for k, v in raw.items()))
+    width = max(len(label) for label, _ in rows)
+    out = []
+    for label, value in rows:
+        first, *rest = value.split("\n")
+        out.append(f"{label + ':':<{width + 1}} {first}")
+        out += [f"{'':<{width + 1}} {line}" for line in rest]
+    return "\n".join(out)
