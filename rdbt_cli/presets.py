@@ -266,19 +266,19 @@ def load_preset(name_or_path: str | Path) -> Preset:
     """A preset by name (user presets first, then built-ins) or by the path of a .toml file."""
     text_arg = str(name_or_path)
     candidate = Path(text_arg).expanduser()
-    looks_like_path = text_arg.endswith(".toml") or "/" in text_arg or "\\" in text_arg
-    if looks_like_path:
+    if "/" in text_arg or "\\" in text_arg or (candidate.suffix == ".toml" and candidate.is_file()):
         if not candidate.is_file():
             raise ConfigError(f"{candidate}: preset file not found; give an existing .toml file or a preset name "
                               "(`rdbt presets` lists them)")
         path, name = candidate, candidate.stem
     else:
+        name = text_arg.removesuffix(".toml")  # "turbo.toml" not in the current folder means the preset turbo
         known = {info.name: info for info in list_presets()}
-        if text_arg not in known:
+        if name not in known:
             available = ", ".join(known) or "none"
-            raise ConfigError(f'no preset named "{text_arg}"; available presets: {available} '
-                              f"(or put {text_arg}.toml in {user_presets_dir()})")
-        path, name = known[text_arg].path, text_arg
+            raise ConfigError(f'no preset named "{name}"; available presets: {available} '
+                              f"(or put {name}.toml in {user_presets_dir()})")
+        path = known[name].path
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:

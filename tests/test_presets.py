@@ -95,7 +95,7 @@ def test_user_preset_overrides_builtin_and_is_listed():
     assert load_preset("zz-mine").cfg == 2.0 and isinstance(load_preset("zz-mine").cfg, float)
 
 
-def test_load_by_path_with_model_and_loras(tmp_path):
+def test_load_by_path_with_model_and_loras(tmp_path, monkeypatch):
     path = tmp_path / "mine.toml"
     path.write_text(
         'model = "kirazuri_v1"\nsize = "832x1216"\nnegative = "bad"\n\n'
@@ -107,6 +107,9 @@ def test_load_by_path_with_model_and_loras(tmp_path):
     assert p.loras == [LoraSpec("a", 0.5), LoraSpec("C:\\loras\\b.safetensors", 1.0)]
     with pytest.raises(ConfigError, match="preset file not found"):
         load_preset(str(tmp_path / "missing.toml"))
+    # A bare NAME.toml that is no file in the current folder is the preset NAME.
+    monkeypatch.chdir(tmp_path)
+    assert load_preset("turbo.toml").name == "turbo" and load_preset("mine.toml").model == "kirazuri_v1"
 
 
 def test_unknown_preset_lists_available():
