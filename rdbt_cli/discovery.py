@@ -1,13 +1,22 @@
-"""Finding and identifying model files without loading tensors (no torch import here)."""
+"""Finding and identifying model files without loading tensors (no torch import here).
+
+Models folders (ComfyUI / A1111 layouts, `extra_model_paths.yaml`), header sniffing and classification
+(spec/formats.md §1.7), name resolution, file hashes with a cache (formats.md §4.1-§4.2), official downloads.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
-from rdbt_cli.errors import CheckpointError
+from rdbt_cli.config import user_dir
+from rdbt_cli.errors import CheckpointError, ConfigError, TokenizerNotFound
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # Keys that some Cosmos-derived files carry but that are recomputed, never parameters (anima.md §1.1).
@@ -72,3 +81,786 @@ def strip_prefix(keys, prefixes) -> str:
 
 def is_ignored_key(key: str) -> bool:
     return any(part in key for part in IGNORED_KEY_PARTS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# classification (spec/formats.md §1.7)
+# ---------------------------------------------------------------------------------------------------------------------
+
+KINDS = ("dit", "te", "vae", "lora", "aio", "cosmos_dit", "diffusers_dit", "gguf", "pickle", "broken", "unknown")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf") + PICKLE_SUFFIXES + (".pt2",)
+PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "first_stage_model.", "cond_stage_model.", "text_encoders.")
+
+DIT_KEY = "blocks.0.mlp.layer1.weight"
+ADAPTER_KEY = "llm_adapter.blocks.0.cross_attn.q_proj.weight"
+TE_KEY = "model.layers.0.self_attn.q_norm.weight"
+VAE_KEY = "decoder.middle.0.residual.0.gamma"
+WAN22_VAE_KEY = "decoder.upsamples.0.upsamples.0.residual.2.weight"
+# Key segments that only adapters carry (formats.md §2.1); `lora.up` / `lora.down` are matched as a pair below.
+ADAPTER_SEGMENTS = frozenset(
+    "lora_up lora_down lora_mid lora_A lora_B lora_linear_layer hada_w1_a hada_w1_b hada_w2_a hada_w2_b hada_t1 hada_t2 "
+    "lokr_w1 lokr_w2 lokr_w1_a lokr_w1_b lokr_w2_a lokr_w2_b lokr_t2 oft_blocks oft_diag lora_magnitude_vector".split()
+)
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One model file as sniffed from its header; `details` holds what the header tells (prefix, width, quant...)."""
+
+    path: Path
+    kind: str
+    details: dict = field(default_factory=dict)
+    size: int = 0
+    hash: str | None = None  # AutoV2, only when already in the hash cache
+
+    @property
+    def error(self) -> str | None:
+        return self.details.get("error")
+
+    @property
+    def supported(self) -> bool:
+        return self.kind in ("dit", "te", "vae", "lora", "aio")
+
+
+def _key_is_adapter(key: str) -> bool:
+    parts = key.split(".")
+    if any(p in ADAPTER_SEGMENTS or p.endswith("_lora") for p in parts):
+        return True
+    return any(a == "lora" and b in ("up", "down") for a, b in zip(parts, parts[1:]))
+
+
+def vote_prefix(keys: Iterable[str], prefixes: Sequence[str] = PREFIXES) -> str:
+    """The prefix most keys start with ('' when keys without any listed prefix are the majority)."""
+    counts = dict.fromkeys(prefixes, 0)
+    bare = 0
+    for k in keys:
+        for pre in prefixes:
+            if k.startswith(pre):
+                counts[pre] += 1
+                break
+        else:
+            bare += 1
+    best = max(prefixes, key=lambda p: counts[p], default="")
+    return best if best and counts[best] > bare else ""
+
+
+def _anchor(keys: Iterable[str], anchor: str) -> str | None:
+    """The inner prefix under which `anchor` appears (e.g. 'qwen3_06b.transformer.'), or None."""
+    for k in keys:
+        if k == anchor:
+            return ""
+        if k.endswith("." + anchor):
+            return k[: -len(anchor)]
+    return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _dtype_summary(header: dict) -> str:
+    by_elems: dict[str, int] = {}
+    for entry in header.values():
+        by_elems[entry["dtype"]] = by_elems.get(entry["dtype"], 0) + _numel(entry["shape"])
+    return "+".join(sorted(by_elems, key=lambda d: -by_elems[d]))
+
+
+def _quant(header: dict, meta: dict) -> str | None:
+    """How a checkpoint is quantised (formats.md §1.5): 'scaled_fp8', 'comfy_quant:<formats>', 'fp8' or None."""
+    names = header.keys()
+    if any(k == "scaled_fp8" or k.endswith(".scaled_fp8") or k.endswith(".scale_weight") for k in names):
+        return "scaled_fp8"
+    formats: set[str] = set()
+    qmeta = meta.get("_quantization_metadata")
+    if qmeta:
+        try:
+            layers = json.loads(qmeta).get("layers", {})
+            formats = {str(v.get("format")) for v in layers.values() if isinstance(v, dict)}
+        except (ValueError, AttributeError):
+            formats = {"?"}
+    if formats or any(k.endswith((".comfy_quant", ".weight_scale")) for k in names):
+        return "comfy_quant:" + (",".join(sorted(formats)) or "per-layer")
+    if any(e["dtype"].startswith("F8") for e in header.values()):
+        return "fp8"
+    return None
+
+
+def _blocks(keys: Iterable[str]) -> int:
+    return len({m.group(1) for k in keys if (m := _BLOCK_RE.match(k))})
+
+
+def _dit_details(sub: dict[str, dict]) -> dict:
+    d: dict = {"blocks": _blocks(sub)}
+    x = sub.get("x_embedder.proj.1.weight")
+    if x and len(x["shape"]) == 2:
+        d["width"] = int(x["shape"][0])
+        d["in_channels"] = int(x["shape"][1]) // 4 - 1  # (latent + padding mask) x 2x2 patch
+    k = sub.get("blocks.0.cross_attn.k_proj.weight")
+    if k:
+        d["context"] = int(k["shape"][1])
+    adapter = {m.group(1) for key in sub if (m := re.match(r"^llm_adapter\.blocks\.(\d+)\.", key))}
+    if adapter:
+        d["adapter_blocks"] = len(adapter)
+    return d
+
+
+def _lora_details(header: dict, meta: dict) -> dict:
+    keys = list(header)
+    d: dict = {}
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        d["format"] = "kohya"
+    elif any(k.startswith("lycoris_") for k in keys):
+        d["format"] = "lycoris"
+    elif any(".lora_A" in k or ".lora_B" in k for k in keys):
+        d["format"] = "peft"
+    else:
+        d["format"] = "comfy"
+    algos = []
+    for algo, marks in (("lora", (".lora_down", ".lora_A", ".lora.down", "_lora.down")), ("loha", (".hada_",)),
+                        ("lokr", (".lokr_",)), ("oft", (".oft_",)), ("diff", (".diff",))):
+        if any(m in k for k in keys for m in marks):
+            algos.append(algo)
+    d["algo"] = "+".join(algos) or "?"
+    for k in keys:
+        if k.endswith((".lora_down.weight", ".lora_A.weight")) and len(header[k]["shape"]) >= 1:
+            d["rank"] = int(header[k]["shape"][0])
+            break
+    d["alpha"] = any(k.endswith(".alpha") for k in keys)
+    targets = []
+    if any("llm_adapter" in k for k in keys):
+        targets.append("adapter")
+    if any(k.startswith(("lora_te", "text_encoders.")) for k in keys):
+        targets.append("te")
+    if any("blocks" in k and "llm_adapter" not in k and not k.startswith(("lora_te", "text_encoders.")) for k in keys):
+        targets.insert(0, "dit")
+    d["targets"] = "+".join(targets) or "?"
+    if meta.get("ss_base_model_version"):
+        d["base"] = meta["ss_base_model_version"]
+    return d
+
+
+def classify_header(header: dict, meta: dict) -> tuple[str, dict]:
+    """(kind, details) from a parsed safetensors header; see `classify`."""
+    keys = [k for k in header if not is_ignored_key(k)]
+    details: dict = {"tensors": len(header), "dtype": _dtype_summary(header)}
+    if not keys:
+        return "unknown", {**details, "note": "no tensors"}
+    if sum(map(_key_is_adapter, keys)) * 2 >= len(keys) or (
+        any(map(_key_is_adapter, keys)) and all(_key_is_adapter(k) or k.endswith(".alpha") for k in keys)
+    ):
+        details["prefix"] = vote_prefix(keys)
+        return "lora", {**details, **_lora_details(header, meta)}
+    prefix = vote_prefix(keys)
+    details["prefix"] = prefix
+    quant = _quant(header, meta)
+    if quant:
+        details["quant"] = quant
+
+    parts = {pre: {k[len(pre):]: header[k] for k in keys if k.startswith(pre)}
+             for pre in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")}
+    if parts["model.diffusion_model."] and (parts["first_stage_model."] or parts["cond_stage_model."]):
+        comps = ["dit"] + ["te"] * bool(parts["cond_stage_model."]) + ["vae"] * bool(parts["first_stage_model."])
+        details["prefix"] = "model.diffusion_model."
+        details["components"] = "+".join(comps)
+        return "aio", {**details, **_dit_details(parts["model.diffusion_model."])}
+
+    sub = {k[len(prefix):]: header[k] for k in keys if k.startswith(prefix)}
+    if DIT_KEY in sub:
+        if ADAPTER_KEY in sub:
+            return "dit", {**details, **_dit_details(sub)}
+        return "cosmos_dit", {**details, **_dit_details(sub), "note": "Cosmos-Predict2 without the LLM adapter"}
+    if "transformer_blocks.0.attn1.to_q.weight" in sub and "patch_embed.proj.weight" in sub:
+        n = len({k.split(".")[1] for k in sub if k.startswith("transformer_blocks.")})
+        return "diffusers_dit", {**details, "blocks": n, "note": "diffusers layout; use the ComfyUI split file"}
+    inner = _anchor(sub, TE_KEY)
+    if inner is not None:
+        layers = {m.group(1) for k in sub if (m := re.match(re.escape(inner) + r"model\.layers\.(\d+)\.", k))}
+        norm = sub.get(inner + "model.layers.0.post_attention_layernorm.weight")
+        emb = sub.get(inner + "model.embed_tokens.weight")
+        te = {"layers": len(layers), "width": int(norm["shape"][0]) if norm else None,
+              "vocab": int(emb["shape"][0]) if emb else None}
+        if inner:
+            details["prefix"] = prefix + inner
+        return "te", {**details, **{k: v for k, v in te.items() if v is not None}}
+    if VAE_KEY in sub:
+        if WAN22_VAE_KEY in sub:
+            return "unknown", {**details, "note": "Wan 2.2 VAE (Anima uses the Wan 2.1 / Qwen-Image VAE)"}
+        vae = {}
+        if "encoder.conv1.weight" in sub:
+            vae["base_dim"] = int(sub["encoder.conv1.weight"]["shape"][0])
+        if "conv2.weight" in sub:
+            vae["z_dim"] = int(sub["conv2.weight"]["shape"][0])
+        return "vae", {**details, **vae}
+    if "decoder.mid_block.resnets.0.norm1.gamma" in sub:
+        return "unknown", {**details, "note": "diffusers-format VAE; use qwen_image_vae.safetensors"}
+    return "unknown", details
+
+
+def classify(path: str | os.PathLike) -> FileInfo:
+    """Identify a model file from its header alone (formats.md §1.7); tensors are never read.
+
+    Damaged, pickled and GGUF files come back as kinds 'broken', 'pickle' and 'gguf' with the reason in
+    details['error'] / details['unsupported']; only a missing path raises CheckpointError.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: file not found; check the path or run `rdbt models` to see what rdbt finds")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a folder, not a model file")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or p.suffix.lower() == ".gguf":
+        return FileInfo(p, "gguf", _gguf_details(p), size)
+    if p.suffix.lower() in PICKLE_SUFFIXES + (".pt2",):
+        why = "pickle checkpoint: never loaded (can run code); convert it to .safetensors"
+        return FileInfo(p, "pickle", {"unsupported": why}, size)
+    try:
+        header, meta = read_safetensors_header(p)
+    except CheckpointError as err:
+        return FileInfo(p, "broken", {"error": str(err)}, size)
+    kind, details = classify_header(header, meta)
+    return FileInfo(p, kind, details, size)
+
+
+# GGUF: only the key/value table and tensor names are read (ggml type ids from ggml.h).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
+               12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+
+
+def _gguf_details(p: Path) -> dict:
+    d: dict = {"unsupported": "GGUF is not supported yet; use the .safetensors release"}
+    try:
+        with open(p, "rb") as f:
+            def take(fmt):
+                n = struct.calcsize(fmt)
+                b = f.read(n)
+                if len(b) < n:
+                    raise EOFError
+                return struct.unpack(fmt, b)[0]
+
+            def string():
+                n = take("<Q")
+                if n > 1 << 20:
+                    raise ValueError("implausible string length")
+                return f.read(n).decode("utf-8", "replace")
+
+            def value(t):
+                if t == 8:
+                    return string()
+                if t == 9:
+                    et, n = take("<I"), take("<Q")
+                    if et == 8:
+                        for _ in range(n):
+                            string()
+                    else:
+                        f.seek(struct.calcsize(_GGUF_SCALARS[et]) * n, 1)
+                    return None
+                return take(_GGUF_SCALARS[t])
+
+            if f.read(4) != b"GGUF":
+                raise ValueError("bad magic")
+            d["version"] = take("<I")
+            n_tensors, n_kv = take("<Q"), take("<Q")
+            for _ in range(n_kv):
+                key = string()
+                v = value(take("<I"))
+                if key == "general.architecture":
+                    d["arch"] = v
+            names, types = [], set()
+            for _ in range(min(n_tensors, 100_000)):
+                names.append(string())
+                f.seek(8 * take("<I"), 1)
+                types.add(_GGML_TYPES.get(take("<I"), "?"))
+                take("<Q")
+    except (OSError, EOFError, ValueError, KeyError, struct.error):
+        d["error"] = "unreadable GGUF header"
+        return d
+    pre = vote_prefix(names)
+    sub = [n[len(pre):] for n in names if n.startswith(pre)]
+    if DIT_KEY in sub:
+        d["component"] = "dit" if ADAPTER_KEY in sub else "cosmos_dit"
+        d["blocks"] = _blocks(sub)
+    elif any(n.startswith(("blk.0.attn_q", "token_embd")) for n in sub):
+        d["component"] = "te"
+    d["quant"] = "+".join(sorted(types))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models folders
+# ---------------------------------------------------------------------------------------------------------------------
+
+# ComfyUI folder keys and their directories (folder_paths.py), plus A1111/Forge names (formats.md §1.2).
+KIND_FOLDERS = {
+    "dit": ("diffusion_models", "unet", "checkpoints", "Stable-diffusion"),
+    "te": ("text_encoders", "clip", "text_encoder"),
+    "vae": ("vae", "VAE"),
+    "lora": ("loras", "Lora", "LyCORIS"),
+}
+LAYOUT_FOLDERS = frozenset(n for names in KIND_FOLDERS.values() for n in names) | {"tokenizers"}
+# Which sniffed kinds can serve as each component (an AIO file carries all three).
+SERVES = {"dit": ("dit", "aio"), "te": ("te", "aio"), "vae": ("vae", "aio"), "lora": ("lora",)}
+KIND_LABELS = {"dit": "diffusion model (DiT)", "te": "text encoder", "vae": "VAE", "lora": "LoRA"}
+_YAML_KINDS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras")
+
+
+def default_models_dir() -> Path:
+    """Where `rdbt download` puts files when no folder is named; searched last."""
+    return user_dir() / "models"
+
+
+def models_dirs(
+    flag: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    env: Mapping[str, str] = os.environ,
+    *,
+    home: str | os.PathLike | None = None,
+    comfy_roots: Sequence[str | os.PathLike] | None = None,
+    a1111_roots: Sequence[str | os.PathLike] | None = None,
+) -> list[Path]:
+    """The models folders to search, first wins: --models-dir, else $RDBT_MODELS, else installs found on disk.
+
+    An explicit flag or env var replaces the automatic search, so what the user names is all that is used.
+    Automatic: ComfyUI (`<root>/models` and the folders of `<root>/extra_model_paths.yaml`), then A1111/Forge
+    (`<root>/models`), then `default_models_dir()`. Only existing folders are returned.
+    """
+    if flag:
+        flags = [flag] if isinstance(flag, (str, os.PathLike)) else list(flag)
+        out = []
+        for item in flags:
+            for part in str(item).split(os.pathsep):
+                if not part:
+                    continue
+                d = Path(part).expanduser()
+                if not d.is_dir():
+                    raise ConfigError(f"--models-dir {d}: no such folder; point it at a ComfyUI-style models folder")
+                out.append(d)
+        return _dedupe(out)
+    if env.get("RDBT_MODELS"):
+        return _dedupe(Path(p).expanduser() for p in env["RDBT_MODELS"].split(os.pathsep) if p)
+    base = Path(home).expanduser() if home is not None else Path.home()
+    if comfy_roots is None:
+        comfy_roots = [base / "ComfyUI", base / "comfy" / "ComfyUI", base / "Documents" / "ComfyUI"]
+    if a1111_roots is None:
+        a1111_roots = [base / "stable-diffusion-webui", base / "stable-diffusion-webui-forge"]
+    found: list[Path] = []
+    for root in map(Path, comfy_roots):
+        found.append(root / "models")
+        yaml_path = root / "extra_model_paths.yaml"
+        if yaml_path.is_file():
+            found.extend(extra_model_paths(yaml_path))
+    found.extend(Path(r) / "models" for r in a1111_roots)
+    found.append(default_models_dir())
+    return _dedupe(found)
+
+
+def _dedupe(paths: Iterable[Path]) -> list[Path]:
+    out, seen = [], set()
+    for p in paths:
+        if not p.is_dir():
+            continue
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
+def extra_model_paths(yaml_path: str | os.PathLike) -> list[Path]:
+    """Model folders listed in a ComfyUI `extra_model_paths.yaml` (base_path + per-kind folders, `|` lists)."""
+    yaml_path = Path(yaml_path)
+    try:
+        text = yaml_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    try:
+        import yaml  # optional; the fallback reads the subset ComfyUI's example uses
+
+        data = yaml.safe_load(text)
+    except ImportError:
+        data = parse_simple_yaml(text)
+    except Exception:  # a broken user file must not break model discovery
+        data = parse_simple_yaml(text)
+    out: list[Path] = []
+    if not isinstance(data, dict):
+        return out
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        base = section.get("base_path")
+        base = Path(os.path.expandvars(os.path.expanduser(str(base)))) if base else yaml_path.parent
+        if not base.is_absolute():
+            base = yaml_path.parent / base  # ComfyUI resolves a relative base_path against the yaml's folder
+        for kind in _YAML_KINDS:
+            value = section.get(kind)
+            if not value:
+                continue
+            for line in str(value).splitlines():
+                line = line.strip()
+                if line:
+                    out.append(base / os.path.expandvars(os.path.expanduser(line)))
+    return out
+
+
+def parse_simple_yaml(text: str) -> dict:
+    """The nested `section: {key: value}` YAML subset of extra_model_paths.yaml, with `|` block values."""
+    data: dict = {}
+    section = None
+    block_key, block_indent, block_lines = None, 0, []
+
+    def close_block():
+        if section is not None and block_key is not None:
+            data[section][block_key] = "\n".join(block_lines)
+
+    for raw in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if block_key is not None:
+            if indent > block_indent:
+                block_lines.append(line.strip())
+                continue
+            close_block()
+            block_key, block_lines = None, []
+        key, sep, value = line.strip().partition(":")
+        if not sep:
+            continue
+        value = value.strip().strip("'\"")
+        if indent == 0:
+            section = key.strip()
+            data[section] = {}
+        elif section is not None:
+            if value in ("|", "|-", ">"):
+                block_key, block_indent = key.strip(), indent
+            else:
+                data[section][key.strip()] = value
+    close_block()
+    return data
+
+
+def _walk_models(folder: Path) -> Iterable[Path]:
+    """Model files under `folder`, following symlinked subfolders once (users link shared model stores)."""
+    seen: set[str] = set()
+    for root, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.lower().endswith(MODEL_SUFFIXES) and not name.startswith("."):
+                yield Path(root) / name
+
+
+def _kind_folders(kind: str, d: Path) -> list[Path]:
+    """The folders of `kind` under a models folder `d`; a folder that is itself a kind folder (or flat) is used whole."""
+    subs = [d / name for name in KIND_FOLDERS[kind] if (d / name).is_dir()]
+    if kind in ("te", "vae") and (d / "checkpoints").is_dir():
+        subs.append(d / "checkpoints")  # all-in-one files; their headers are checked like a flat folder's
+    if subs:
+        return subs
+    if d.name in KIND_FOLDERS[kind]:
+        return [d]
+    if d.name in LAYOUT_FOLDERS or any((d / n).is_dir() for n in LAYOUT_FOLDERS):
+        return []  # a folder of another kind, or a layout root without this kind
+    return [d]  # a flat folder of mixed files: candidates are checked by sniffing
+
+
+def inventory(dirs: Sequence[str | os.PathLike]) -> list[FileInfo]:
+    """Every model file under `dirs` (recursively), classified by its header, with size and cached AutoV2."""
+    out, seen = [], set()
+    for d in map(Path, dirs):
+        for f in _walk_models(d):
+            real = os.path.realpath(f)
+            if real in seen:
+                continue
+            seen.add(real)
+            info = classify(f)
+            cached = cached_hashes(f)
+            out.append(FileInfo(info.path, info.kind, info.details, info.size, cached["autov2"] if cached else None))
+    return out
+
+
+def resolve_component(kind: str, name_or_path: str | os.PathLike | None, dirs: Sequence[str | os.PathLike]) -> Path:
+    """The file for one component ('dit', 'te', 'vae', 'lora'): a path as is, a name by stem, or the only one found.
+
+    Names match stems (or paths relative to the kind's folder) case-insensitively: an exact match first (the earliest
+    folder wins), then a unique prefix. With no name, the single file whose header shows that kind.
+    """
+    if kind not in KIND_FOLDERS:
+        raise ConfigError(f"unknown component {kind!r}; choose one of {', '.join(KIND_FOLDERS)}")
+    label = KIND_LABELS[kind]
+    dirs = [Path(d) for d in dirs]
+    if name_or_path is not None and str(name_or_path).strip():
+        name = str(name_or_path).strip()
+        p = Path(name).expanduser()
+        if p.is_file():
+            return p
+        if p.is_absolute() or name.startswith((".", "~")) or p.suffix.lower() in MODEL_SUFFIXES and os.sep in name:
+            raise CheckpointError(f"{p}: {label} file not found; check the path or run `rdbt models`")
+        return _resolve_name(kind, name, dirs)
+    candidates, looked = _candidates(kind, dirs)
+    sniffed = [(f, classify(f)) for f in candidates]
+    hits = [f for f, info in sniffed if info.kind == kind]
+    if not hits and kind != "lora":
+        hits = [f for f, info in sniffed if info.kind == "aio" and kind in info.details.get("components", "")]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        names = ", ".join(str(h) for h in hits[:12]) + (" ..." if len(hits) > 12 else "")
+        raise ConfigError(f"several {label} files found ({names}); pick one by name or path")
+    raise CheckpointError(_not_found(label, None, looked))
+
+
+def _candidates(kind: str, dirs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(files, folders searched) for `kind`, earliest folder first, each file once; files in flat folders are
+    kept only when their header serves this kind."""
+    files, looked, seen = [], [], set()
+    for d in dirs:
+        for folder in _kind_folders(kind, d):
+            looked.append(folder)
+            typed = folder.name in KIND_FOLDERS[kind]
+            for f in _walk_models(folder):
+                real = os.path.realpath(f)
+                if real in seen:
+                    continue
+                if not typed and classify(f).kind not in SERVES[kind]:
+                    continue
+                seen.add(real)
+                files.append(f)
+    return files, looked
+
+
+def _resolve_name(kind: str, name: str, dirs: Sequence[Path]) -> Path:
+    label = KIND_LABELS[kind]
+    want = name.lower().replace("\\", "/")
+    for suffix in MODEL_SUFFIXES:
+        if want.endswith(suffix):
+            want = want[: -len(suffix)]
+            break
+    files, looked = _candidates(kind, dirs)
+    names: list[tuple[Path, set[str]]] = []
+    for f in files:
+        base = next((d for d in looked if f.is_relative_to(d)), f.parent)
+        rel = f.relative_to(base).with_suffix("").as_posix().lower()
+        names.append((f, {f.stem.lower(), rel}))
+    exact = [f for f, keys in names if want in keys]
+    if exact:
+        return exact[0]
+    prefix = [f for f, keys in names if any(k.startswith(want) for k in keys)]
+    if len(prefix) == 1:
+        return prefix[0]
+    if prefix:
+        listed = ", ".join(f.stem for f in prefix[:12]) + (" ..." if len(prefix) > 12 else "")
+        raise ConfigError(f"{label} name {name!r} is ambiguous: {listed}; give more of the name or a path")
+    raise CheckpointError(_not_found(label, name, looked))
+
+
+def _not_found(label: str, name: str | None, looked: Sequence[Path]) -> str:
+    what = f"no {label} named {name!r}" if name else f"no {label} file found"
+    where = ", ".join(str(p) for p in looked[:6]) + (" ..." if len(looked) > 6 else "") if looked else "no models folder"
+    return (f"{what} (looked in {where}); pass a path, point --models-dir or RDBT_MODELS at your models folder, "
+            "or fetch the official files with `rdbt download`")
+
+
+def resolve_tokenizer(which: str, dirs: Sequence[str | os.PathLike]) -> Path:
+    """`tokenizers/<which>/tokenizer.json` ('qwen' or 't5') in the first models folder that has it."""
+    for d in map(Path, dirs):
+        for cand in (d / "tokenizers" / which / "tokenizer.json", d / which / "tokenizer.json"):
+            if cand.is_file():
+                return cand
+    raise TokenizerNotFound(
+        f"no {which} tokenizer.json under tokenizers/{which}/ in {', '.join(map(str, dirs)) or 'any models folder'}; "
+        "run `rdbt download --only tokenizers` or copy ComfyUI's tokenizer there"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hashes (formats.md §4.1-§4.2): AutoV2 = sha256(file)[:10]; AutoV3 = A1111 "addnet" = sha256(after header)[:12]
+# ---------------------------------------------------------------------------------------------------------------------
+
+CHUNK = 1 << 20
+_CACHE_VERSION = 1
+
+
+def _hash_file(path: Path) -> dict:
+    """sha256 of the whole file and of the bytes after the safetensors header, in one streaming pass."""
+    full, body = hashlib.sha256(), hashlib.sha256()
+    size = path.stat().st_size
+    data_start = None
+    pos = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            if pos == 0 and len(chunk) >= 8 and chunk[:4] != b"GGUF":
+                (n,) = struct.unpack("<Q", chunk[:8])
+                if 8 + n <= size:
+                    data_start = 8 + n
+            full.update(chunk)
+            if data_start is not None and pos + len(chunk) > data_start:
+                body.update(chunk[max(0, data_start - pos):])
+            pos += len(chunk)
+    return {"sha256": full.hexdigest(), "addnet": body.hexdigest() if data_start is not None else None}
+
+
+def _cache_path() -> Path:
+    return user_dir() / "hashes.json"
+
+
+def _load_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("files"), dict):
+        return {}
+    return data["files"]
+
+
+def _save_cache(files: dict) -> None:
+    path = _cache_path()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "files": files}, indent=0), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only config folder only costs re-hashing next time
+
+
+def _stamp(p: Path) -> tuple[str, int, int]:
+    st = p.stat()
+    return os.path.abspath(p), st.st_size, st.st_mtime_ns
+
+
+def _expand(p: Path, raw: dict) -> dict:
+    sha, addnet = raw["sha256"], raw.get("addnet")
+    lora = addnet[:12] if addnet else None
+    if addnet:
+        try:
+            # A1111 writes the trainer's `sshs_model_hash` for a LoRA when the file carries one (formats.md §4.1).
+            _, meta = read_safetensors_header(p)
+            if isinstance(meta.get("sshs_model_hash"), str) and len(meta["sshs_model_hash"]) >= 12:
+                lora = meta["sshs_model_hash"][:12].lower()
+        except CheckpointError:
+            pass
+    return {"sha256": sha, "autov2": sha[:10], "autov3": addnet[:12] if addnet else None, "a1111_lora": lora,
+            "sha256_12": sha[:12]}
+
+
+def cached_hashes(path: str | os.PathLike) -> dict | None:
+    """`file_hashes(path)` if the cache already holds them for this size and mtime, else None (never hashes)."""
+    p = Path(path)
+    key, size, mtime = _stamp(p)
+    entry = _load_cache().get(key)
+    if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime and entry.get("sha256"):
+        return _expand(p, entry)
+    return None
+
+
+def file_hashes(path: str | os.PathLike) -> dict:
+    """{'sha256', 'autov2', 'autov3', 'a1111_lora', 'sha256_12'} of a model file, cached in user_dir()/hashes.json
+    by (absolute path, size, mtime) so a multi-GB file is read once. autov3/a1111_lora are None for non-safetensors."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: file not found, cannot hash it")
+    hit = cached_hashes(p)
+    if hit:
+        return hit
+    key, size, mtime = _stamp(p)
+    raw = _hash_file(p)
+    files = _load_cache()
+    files[key] = {"size": size, "mtime_ns": mtime, **raw}
+    _save_cache(files)
+    return _expand(p, raw)
+
+
+def short_hash(path: str | os.PathLike) -> str:
+    """AutoV2: the first 10 hex of the file's sha256 (A1111 `Model hash`, Civitai)."""
+    return file_hashes(path)["autov2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# downloads (formats.md §1.1 and §5)
+# ---------------------------------------------------------------------------------------------------------------------
+
+ANIMA_REPO = "circlestone-labs/Anima"
+DIT_VARIANTS = {
+    "base": "anima-base-v1.0",
+    "turbo": "anima-turbo-v1.1",
+    "turbo-v1.0": "anima-turbo-v1.0",
+    "aesthetic": "anima-aesthetic-v1.1",
+    "aesthetic-v1.0": "anima-aesthetic-v1.0",
+    "preview3": "anima-preview3-base",
+    "preview2": "anima-preview2",
+    "preview": "anima-preview",
+}
+# (repo, file in repo, folder under models_dir); the tokenizers come from their Apache-2.0 upstreams (formats.md §5).
+OFFICIAL_FILES = {
+    "te": [(ANIMA_REPO, "split_files/text_encoders/qwen_3_06b_base.safetensors", "text_encoders")],
+    "vae": [(ANIMA_REPO, "split_files/vae/qwen_image_vae.safetensors", "vae")],
+    "tokenizers": [
+        ("Qwen/Qwen3-0.6B-Base", "tokenizer.json", "tokenizers/qwen"),
+        ("google-t5/t5-base", "tokenizer.json", "tokenizers/t5"),
+    ],
+}
+
+
+def official_plan(components: Sequence[str] = ("dit", "te", "vae", "tokenizers"), variant: str = "base"):
+    """[(repo, file in repo, folder under models_dir)] for the chosen components."""
+    plan = []
+    for comp in components:
+        if comp == "dit":
+            if variant not in DIT_VARIANTS:
+                raise ConfigError(f"unknown Anima variant {variant!r}; choose one of {', '.join(DIT_VARIANTS)}")
+            plan.append((ANIMA_REPO, f"split_files/diffusion_models/{DIT_VARIANTS[variant]}.safetensors", "diffusion_models"))
+        elif comp in OFFICIAL_FILES:
+            plan.extend(OFFICIAL_FILES[comp])
+        else:
+            raise ConfigError(f"unknown component {comp!r} to download; choose from dit, te, vae, tokenizers")
+    return plan
+
+
+def download_official(
+    models_dir: str | os.PathLike,
+    components: Sequence[str] = ("dit", "te", "vae", "tokenizers"),
+    *,
+    variant: str = "base",
+) -> list[Path]:
+    """Fetch the official Anima files into `models_dir` in ComfyUI layout; files already there are kept.
+
+    Downloads go through huggingface_hub (progress bars, resume) into `models_dir/.rdbt-download/<repo>/` and are
+    moved into place only when complete, so an interrupted run resumes and never leaves a half file in the layout.
+    """
+    plan = official_plan(components, variant)
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ConfigError("downloads need huggingface_hub: pip install huggingface_hub") from None
+    root = Path(models_dir).expanduser()
+    out = []
+    for repo, filename, folder in plan:
+        target = root / folder / Path(filename).name
+        if target.is_file():
+            out.append(target)
+            continue
+        staging = root / ".rdbt-download" / repo.replace("/", "--")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            got = Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=staging))
+            os.replace(got, target)
+        except Exception as err:  # network, auth, disk: all reach the user as one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(
+                f"download of {repo}/{filename} into {target.parent} failed: {first}; "
+                "check the connection (and HF_TOKEN if the repo asks for it), then run `rdbt download` again to resume"
+            ) from None
+        out.append(target)
+    return out
