@@ -126,7 +126,7 @@ class FileInfo:
 
 def _key_is_adapter(key: str) -> bool:
     parts = key.split(".")
-    if any(p in ADAPTER_SEGMENTS or p.endswith("_lora") for p in parts):
+    if any(p in ADAPTER_SEGMENTS or p.endswith("_lora") for p in parts) or parts[-1] in ("diff", "diff_b", "dora_scale"):
         return True
     return any(a == "lora" and b in ("up", "down") for a, b in zip(parts, parts[1:]))
 

@@ -169,6 +169,9 @@ def test_loras(tmp_path):
     te = {f"lora_te_layers_{i}_self_attn_q_proj.lora_down.weight": ("F16", [2, 16]) for i in range(2)}
     te |= {f"lora_te_layers_{i}_self_attn_q_proj.lora_up.weight": ("F16", [16, 2]) for i in range(2)}
     assert classify(write_st(tmp_path / "te_lora.safetensors", te)).details["targets"] == "te"
+    diffs = {f"diffusion_model.blocks.{i}.self_attn.q_norm.diff": ("F16", [8]) for i in range(3)}
+    d = classify(write_st(tmp_path / "diff.safetensors", diffs))
+    assert (d.kind, d.details["algo"], d.details["format"]) == ("lora", "diff", "comfy")
 
 
 def test_aio_checkpoint(tmp_path):
