@@ -196,7 +196,17 @@ def parse_parameter_line(line: str) -> list[tuple[str, str]]:
     return pairs
 
 
-_LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([^:>]*)(?::[^>]*)?>")
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]*)(?::[^>]*)?>")
+_TAG = r"<lora:[^:>]+:[^:>]*(?::[^>]*)?>"
+
+
+def _strip_lora_tags(prompt: str) -> str:
+    """The prompt without its <lora:...> tags: a run at the end (where to_parameters_text puts them) goes with the
+    blanks before it; a tag that is a whole comma-separated item goes with its comma; any other only with its blanks."""
+    prompt = re.sub(rf"(?:\s*{_TAG})+\s*\Z", "", prompt)
+    prompt = re.sub(rf"(?:^|(?<=,))([ \t]*){_TAG}[ \t]*,[ \t]*", lambda m: " " if m.group(1) else "", prompt,
+                    flags=re.M)
+    return re.sub(rf"[ \t]*{_TAG}", "", prompt)
 
 
 def parse_parameters_text(text: str) -> dict:
@@ -215,16 +225,12 @@ def parse_parameters_text(text: str) -> dict:
     recipe: dict = {"prompt": "\n".join(prompt).strip(), "negative": "\n".join(negative).strip()}
     loras: dict[str, dict] = {}
 
-    def tag(m):
+    for m in _LORA_TAG.finditer(recipe["prompt"]):
         name = m.group(1).strip()
-        try:
-            weight = float(m.group(2))
-        except ValueError:
-            weight = 1.0
-        loras.setdefault(name, {"name": name, "file": name, "weight": weight, "hash": None, "a1111_hash": None})
-        return ""
-
-    recipe["prompt"] = _LORA_TAG.sub(tag, recipe["prompt"]).strip().rstrip(",").rstrip()
+        weight = _float(m.group(2))
+        loras.setdefault(name, {"name": name, "file": name, "weight": 1.0 if weight is None else weight,
+                                "hash": None, "a1111_hash": None})
+    recipe["prompt"] = _strip_lora_tags(recipe["prompt"]).strip()
 
     fields = dict(params)
     extra = {}
