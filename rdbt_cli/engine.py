@@ -498,7 +498,8 @@ class AnimaDiT(nn.Module):
         context = context.to(device, self.compute_dtype)
         stamp = self._weights_stamp()
         for i, (ctx, st, kv) in enumerate(self._kv_cache):
-            if st == stamp and ctx.shape == context.shape and ctx.device == context.device and torch.equal(ctx, context):
+            same_context = ctx.shape == context.shape and ctx.device == context.device and torch.equal(ctx, context)
+            if same_context and self._same_stamp(st, stamp):
                 self._kv_cache.insert(0, self._kv_cache.pop(i))
                 return kv
         kv = [block.cross_attn.key_value(context) for block in self.blocks]
@@ -507,19 +508,32 @@ class AnimaDiT(nn.Module):
         del self._kv_cache[2:]
         return kv
 
-    def _weights_stamp(self) -> tuple:
-        # Detects LoRA patches or reloads of the k/v weights (in place or by replacement) since K/V were cached.
+    def _weights_stamp(self) -> list:
+        # Detects LoRA patches or reloads of the k/v weights since K/V were cached: storage, version counter and a
+        # sample of the values (inference tensors, e.g. weights loaded under inference_mode, have no version counter).
         out = []
         for block in self.blocks:
             for layer in (block.cross_attn.k_proj, block.cross_attn.v_proj, block.cross_attn.k_norm):
-                w = layer.weight
+                w = layer.weight.detach()
                 try:
                     version = w._version
-                except RuntimeError:  # inference tensors have no version counter
+                except RuntimeError:
                     version = None
-                out.append((w.data_ptr(), version))
-            out.append(id(block.cross_attn.k_proj.weight_scale))
-        return tuple(out)
+                flat = w.reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 256)].contiguous().view(torch.uint8)
+                scale = getattr(layer, "weight_scale", None)
+                scale = None if scale is None else scale.detach().reshape(-1).float()
+                out.append((w.data_ptr(), version, sample, scale))
+        return out
+
+    @staticmethod
+    def _same_stamp(a: list, b: list) -> bool:
+        def same(u, v):
+            return (u is None) == (v is None) and (u is None or (u.shape == v.shape and torch.equal(u, v)))
+
+        return len(a) == len(b) and all(
+            x[:2] == y[:2] and same(x[2], y[2]) and same(x[3], y[3]) for x, y in zip(a, b)
+        )
 
     def _rope(self, T: int, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (T, H, W, str(device))

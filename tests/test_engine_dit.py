@@ -351,6 +351,18 @@ def test_context_cache_is_transparent(tiny_file):
         assert not torch.equal(patched, changed) and torch.equal(patched, fresh())
 
 
+def test_context_cache_sees_patches_of_inference_tensors(tiny_file):
+    # The pipeline loads and samples under inference_mode, where tensors carry no version counter.
+    with torch.inference_mode():
+        model = load_dit(tiny_file, dtype=torch.float32)
+        x, t, ctx = _inputs()
+        before = model(x, t, ctx)
+        model.blocks[1].cross_attn.k_proj.weight.add_(0.5)
+        after = model(x, t, ctx)
+        model.clear_caches()
+        assert not torch.equal(before, after) and torch.equal(after, model(x, t, ctx))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad files: one readable line naming the file
 # ----------------------------------------------------------------------------------------------------------------
