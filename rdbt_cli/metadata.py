@@ -97,6 +97,10 @@ def _tag_name(name: str) -> str:
     return re.sub(r"[:,<>]", "", name).strip()
 
 
+def _weight(lora: dict) -> float:
+    return 1.0 if lora.get("weight") is None else float(lora["weight"])
+
+
 def _lora_hash(lora: dict) -> str | None:
     # AutoV3 (A1111's own choice, Civitai's best match rate), else AutoV2, which Civitai also matches.
     return lora.get("a1111_hash") or lora.get("hash")
@@ -111,7 +115,7 @@ def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
     prompt = recipe.get("prompt") or ""
     loras = [l for l in recipe.get("loras") or [] if l.get("name")]
     if lora_tags:
-        tags = [f"<lora:{_tag_name(l['name'])}:{_num(float(l.get('weight', 1.0)))}>" for l in loras]
+        tags = [f"<lora:{_tag_name(l['name'])}:{_num(_weight(l))}>" for l in loras]
         tags = [t for t in tags if t not in prompt]
         if tags:
             prompt = (prompt.rstrip() + " " if prompt.strip() else "") + " ".join(tags)
@@ -379,7 +383,7 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
     model = unet
     for lora in recipe.get("loras") or []:
         model = add("LoraLoaderModelOnly", [("lora_name", _file_name(lora, f"{lora.get('name')}.safetensors")),
-                                            ("strength_model", float(lora.get("weight", 1.0)))],
+                                            ("strength_model", _weight(lora))],
                     [("model", model, 0, "MODEL")], col=1)
     shift = recipe.get("shift")
     if shift is not None and float(shift) != DEFAULT_SHIFT:
@@ -462,10 +466,13 @@ def _comfy_recipe(graph: dict) -> dict:
     decoded = {str(inputs(v).get("samples", [None])[0]) for v in nodes.values() if v.get("class_type") == "VAEDecode"}
     sampler_id, ks = next(((k, v) for k, v in samplers if k in decoded), samplers[0])
     ki = inputs(ks)
+    def scalar(v):  # a linked widget (["id", slot]) is not known without running the graph
+        return None if isinstance(v, (list, dict)) else v
+
     recipe: dict = {
-        "seed": ki.get("seed", ki.get("noise_seed")), "steps": ki.get("steps"), "cfg": ki.get("cfg"),
-        "sampler": ki.get("sampler_name"), "scheduler": ki.get("scheduler"),
-        "prompt": "", "negative": "", "loras": [],
+        "seed": scalar(ki.get("seed", ki.get("noise_seed"))), "steps": scalar(ki.get("steps")),
+        "cfg": scalar(ki.get("cfg")), "sampler": scalar(ki.get("sampler_name")),
+        "scheduler": scalar(ki.get("scheduler")), "prompt": "", "negative": "", "loras": [],
     }
     for key in ("positive", "negative"):
         cond = node_of(ki.get(key))
@@ -474,7 +481,8 @@ def _comfy_recipe(graph: dict) -> dict:
                 break
             cond = node_of(next((v for v in inputs(cond).values() if isinstance(v, list)), None))
         if cond is not None:
-            recipe["prompt" if key == "positive" else key] = text_of(inputs(cond).get("text", inputs(cond).get("text_g"))) or ""
+            text = text_of(inputs(cond).get("text", inputs(cond).get("text_g")))
+            recipe["prompt" if key == "positive" else key] = text or ""
             clip = node_of(inputs(cond).get("clip"))
             for _ in range(16):
                 if clip is None or "clip_name" in inputs(clip) or "clip_name1" in inputs(clip):
@@ -486,7 +494,7 @@ def _comfy_recipe(graph: dict) -> dict:
                     recipe["text_encoder"] = _component(name)
     latent = node_of(ki.get("latent_image"))
     if latent is not None and "width" in inputs(latent):
-        recipe["width"], recipe["height"] = inputs(latent).get("width"), inputs(latent).get("height")
+        recipe["width"], recipe["height"] = scalar(inputs(latent).get("width")), scalar(inputs(latent).get("height"))
     model, loras = node_of(ki.get("model")), []
     for _ in range(64):
         if model is None:
@@ -494,8 +502,10 @@ def _comfy_recipe(graph: dict) -> dict:
         mi, ct = inputs(model), model.get("class_type", "")
         if "lora_name" in mi:
             name = mi["lora_name"]
-            loras.append({**_component(name), "weight": float(mi.get("strength_model", 1.0)), "a1111_hash": None})
-        elif ct.startswith("ModelSampling") and "shift" in mi and "shift" not in recipe:
+            weight = mi.get("strength_model", 1.0)
+            weight = float(weight) if isinstance(weight, (int, float)) else 1.0  # a linked value: unknown here
+            loras.append({**_component(str(name)), "weight": weight, "a1111_hash": None})
+        elif ct.startswith("ModelSampling") and isinstance(mi.get("shift"), (int, float)) and "shift" not in recipe:
             recipe["shift"] = float(mi["shift"])
         for key in ("unet_name", "ckpt_name", "model_name"):
             if isinstance(mi.get(key), str):
@@ -545,7 +555,7 @@ def text_chunks(recipe: dict) -> dict[str, str]:
     prompt, workflow = comfy_graphs(recipe)
     return {
         "parameters": to_parameters_text(recipe),
-        "rdbt": json.dumps(recipe),
+        "rdbt": json.dumps(recipe, default=str),  # default=str: a stray Path must not lose the image
         "prompt": json.dumps(prompt),
         "workflow": json.dumps(workflow),
     }
@@ -638,7 +648,11 @@ def _claim(tmp: Path, folder: Path, stem: str) -> Path:
             os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.unlink(final)  # the empty placeholder is ours; leave nothing half-made
+            raise
         return final
     raise AssertionError("unreachable")
 
@@ -662,8 +676,9 @@ def save_png(pixels, dest, recipe: dict | None = None, *, metadata: bool = True,
             os.fsync(f.fileno())
         return _claim(tmp, folder, stem)
     except OSError as e:
-        raise OutputError(f"{folder}: could not write the image ({e.strerror or e}); check free space and permissions") \
-            from None
+        raise OutputError(
+            f"{folder}: could not write the image ({e.strerror or e}); check free space and permissions"
+        ) from None
     finally:
         try:
             os.unlink(tmp)
@@ -754,12 +769,14 @@ def read_png(path) -> dict:
         if key in raw:
             try:
                 recipe = parse(json.loads(raw[key]))
-            except ValueError:
-                continue
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+                continue  # not a graph this reader understands; try the next source
             if recipe.get("seed") is not None or recipe.get("prompt"):
                 return {"source": "comfyui", "recipe": recipe, "raw": raw}
     if raw.get("parameters", "").strip():
         return {"source": "a1111", "recipe": parse_parameters_text(raw["parameters"]), "raw": raw}
+    if "prompt" in raw or "workflow" in raw:  # a graph without a sampler rdbt recognises: raw text only
+        return {"source": "comfyui", "recipe": {"loras": []}, "raw": raw}
     raise OutputError(f"{path}: no generation metadata found (saved with --no-metadata, or stripped by another tool)")
 
 

@@ -95,7 +95,8 @@ def test_parameters_text_optional_fields_and_quoting():
 
 @pytest.mark.parametrize("over", [
     {},
-    {"prompt": "猫耳の少女, 🌸 桜\nsecond: line, é ×", "negative": "低品質\nblurry", "sampler": "dpmpp_2m"},
+    {"prompt": "猫耳の少女, 🌸 桜\nsecond: line, é ×", "negative": "低品質\nblurry",
+     "sampler": "dpmpp_2m"},
     {"negative": "", "shift": 2.5, "cfg": 1.0, "seed": 2**64 - 1, "loras": []},
     {"prompt": "ends with a comma,\nnext,", "negative": "a: b, c"},
 ])
@@ -131,7 +132,8 @@ def test_parse_foreign_a1111_text():
         {"name": "detail-tweaker", "file": "detail-tweaker", "weight": 0.6, "hash": None, "a1111_hash": "111122223333"},
         {"name": "extra", "file": "extra", "weight": 1.0, "hash": "4444555566", "a1111_hash": None},
     ]
-    assert r["extra"] == {"Denoising strength": "0.4", "Hires upscaler": "R-ESRGAN 4x+, anime", "TI hashes": "easyneg: abc"}
+    assert r["extra"] == {
+        "Denoising strength": "0.4", "Hires upscaler": "R-ESRGAN 4x+, anime", "TI hashes": "easyneg: abc"}
     assert r["generator"] == "v1.10.1"
 
 
@@ -481,3 +483,16 @@ def test_file_system_without_hard_links(tmp_path, monkeypatch):
     assert (tmp_path / "h.png").read_bytes() == b"keep"
     assert [metadata.read_png(p)["recipe"]["index"] for p in paths] == [0, 1]
     assert sorted(os.listdir(tmp_path)) == ["h-0001.png", "h-0002.png", "h.png"]
+
+
+@pytest.mark.parametrize("graph", ['[]', '{"1": 5}', '{"1": {"class_type": "KSampler", "inputs": null}}',
+                                   '{"1": {"class_type": "KSampler", "inputs": {"seed": ["2", 0], "model": "x"}}}'])
+def test_odd_comfy_graphs_do_not_crash(tmp_path, graph):
+    info = PngInfo()
+    info.add_text("prompt", graph)
+    path = tmp_path / "odd.png"
+    Image.fromarray(_pixels()).save(path, pnginfo=info)
+    got = metadata.read_png(path)
+    assert got["source"] == "comfyui" and got["raw"] == {"prompt": graph}
+    assert got["recipe"].get("seed") is None
+    assert "comfyui" in metadata.summarise(got)
