@@ -171,7 +171,9 @@ def load_tokenizer(path: str | Path, kind: str = "qwen"):
     except TokenizerNotFound:
         raise
     except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
-        raise TokenizerNotFound(f"{p}: not a readable tokenizer ({exc}); run `rdbt download` to fetch it again") from None
+        raise TokenizerNotFound(
+            f"{p}: not a readable tokenizer ({exc}); run `rdbt download` to fetch it again"
+        ) from None
 
 
 def _special_id(tok, token: str, path) -> int:
@@ -219,7 +221,7 @@ class PromptTokenizer:
         t5_weights: list[float] = []
         for piece, weight in parse_weights(prompt, legacy_embedding_split=self.legacy_embedding_split):
             qwen_ids += self.qwen.encode(piece, add_special_tokens=False).ids
-            # Without the post-processor's </s>: ComfyUI drops each piece's last id (that </s>) and appends one at the end.
+            # Without the post-processor's </s>: ComfyUI drops each piece's last id (that </s>), appends one at the end.
             ids = self.t5.encode(piece, add_special_tokens=False).ids
             t5_ids += ids
             t5_weights += [weight] * len(ids)
@@ -292,8 +294,9 @@ def _find_one(kind: str, explicit, text_encoder, models_dirs) -> Path:
         p = Path(explicit)
         found = _tokenizer_file_in(p, kind) if p.is_dir() else (p if p.is_file() else None)
         if found is None:
+            wanted = "tokenizer.json or vocab.json + merges.txt" if kind == "qwen" else "tokenizer.json"
             raise TokenizerNotFound(
-                f"{p}: no {kind} tokenizer there (expected tokenizer.json{' or vocab.json + merges.txt' if kind == 'qwen' else ''}); "
+                f"{p}: no {kind} tokenizer there (expected {wanted}); "
                 "fix the path or run `rdbt download` to fetch the tokenizers"
             )
         return found
@@ -305,7 +308,8 @@ def _find_one(kind: str, explicit, text_encoder, models_dirs) -> Path:
     hit = _from_hf_cache(kind)
     if hit is not None:
         return hit
-    where = ", ".join(str(f) for f in looked) + ", the Hugging Face cache (" + ", ".join(r for r, _ in HF_SOURCES[kind]) + ")"
+    hf = ", ".join(repo for repo, _ in HF_SOURCES[kind])
+    where = ", ".join(str(f) for f in looked) + f", the Hugging Face cache ({hf})"
     raise TokenizerNotFound(
         f"no {kind} tokenizer found (looked in {where}); run `rdbt download` to fetch the tokenizers, "
         f"or put tokenizer.json in <models>/tokenizers/{kind}/"
@@ -314,6 +318,6 @@ def _find_one(kind: str, explicit, text_encoder, models_dirs) -> Path:
 
 def find_tokenizers(qwen=None, t5=None, text_encoder=None, models_dirs=()) -> tuple[Path, Path]:
     """(Qwen, T5) tokenizer files: explicit paths, next to the TE file, <models>/tokenizers/{qwen,t5}/, an installed
-    ComfyUI's bundled folders, rdbt's user folder, then the Hugging Face cache (offline). TokenizerNotFound otherwise."""
+    ComfyUI's bundled folders, rdbt's user folder, then the Hugging Face cache (offline); else TokenizerNotFound."""
     models_dirs = [Path(d) for d in models_dirs]
     return _find_one("qwen", qwen, text_encoder, models_dirs), _find_one("t5", t5, text_encoder, models_dirs)

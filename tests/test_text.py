@@ -196,7 +196,10 @@ def test_vocab_and_merges_pair(tmp_path):
 # Tiny tokenizers
 # ---------------------------------------------------------------------------------------------------------------------
 
-UNICODE = "猫耳の少女 🐱✨👩‍👩‍👧 ｆｕｌｌ ＡＢＣ café naïve e\u0301 עברית العربية \x00\x07\t\n\u200b\U0010fffd end"
+UNICODE = (
+    "猫耳の少女 🐱✨👩‍👩‍👧 ｆｕｌｌ ＡＢＣ café naïve e\u0301 "  # emoji ZWJ sequence, full-width, combining accent
+    "עברית العربية \x00\x07\t\n\u200b\U0010fffd end"  # RTL scripts, control chars, zero-width, private use
+)
 
 
 @pytest.fixture(scope="module")
