@@ -787,6 +787,12 @@ def _fmt_component(c) -> str | None:
     return f"{label} [{c['hash']}]" if c.get("hash") else str(label)
 
 
+_SUMMARISED = {
+    "schema", "rdbt_version", "generator", "prompt", "negative", "width", "height", "seed", "steps", "cfg", "sampler",
+    "scheduler", "shift", "model", "text_encoder", "vae", "loras", "preset", "device", "dtype", "index", "extra",
+}
+
+
 def summarise(info: dict) -> str:
     """A readable multi-line summary of read_png's result, for `rdbt inspect`."""
     r = info.get("recipe") or {}
@@ -825,6 +831,9 @@ def summarise(info: dict) -> str:
     add("index", r.get("index"))
     for key, value in (r.get("extra") or {}).items():
         add(key, value)
+    for key, value in r.items():  # extra recipe keys (e.g. a batch record), shown as JSON
+        if key not in _SUMMARISED and value not in (None, "", [], {}):
+            add(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     raw = info.get("raw") or {}
     if raw:
         add("chunks", ", ".join(f"{k} ({len(v.encode('utf-8'))} B)" for k, v in raw.items()))

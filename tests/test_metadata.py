@@ -245,6 +245,8 @@ def test_save_read_round_trip_rdbt(tmp_path):
     assert set(info["raw"]) == {"parameters", "rdbt", "prompt", "workflow"}
     summary = metadata.summarise(info)
     assert r["prompt"] in summary and "123456" in summary and "styleA.safetensors x 0.8" in summary
+    assert "batch" not in summary
+    assert '"line": 3' in metadata.summarise({**info, "recipe": {**r, "batch": {"line": 3}}})
     assert len(summary.splitlines()) >= 8
 
 
