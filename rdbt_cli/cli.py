@@ -6,48 +6,698 @@ torch and the pipeline are imported inside the commands that need them, so `rdbt
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import random
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from rdbt_cli import __version__
+from rdbt_cli.config import DEFAULTS, GenParams, LoadParams, LoraSpec, SAMPLER_NAMES, SCHEDULER_NAMES
+from rdbt_cli.errors import ConfigError, OutputError, RdbtError
 
 app = typer.Typer(
     name="rdbt",
     help="Anima text-to-image from the shell: one command per image, batches, LoRA stacks, presets, and every image "
-    "carrying its own recipe.",
+    "carrying its own recipe.\n\nExample: rdbt gen \"1girl, silver hair, night sky\" --preset rdbt --seed 42",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
 )
 
+_state = {"debug": False}
 
-def _not_yet(what: str) -> None:
-    typer.echo(f"rdbt {what}: not yet implemented in this build", err=True)
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp8 = "fp8"
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def friendly_errors(fn):
+    """Every user mistake is one readable line and a non-zero exit code; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RdbtError as err:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            typer.echo("interrupted; finished images are kept (rdbt batch resumes where it stopped)", err=True)
+            raise typer.Exit(130) from None
+        except (OSError, MemoryError) as err:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"rdbt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+):
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared option sets of gen and batch
+# ---------------------------------------------------------------------------------------------------------------------
+
+GEN = "Generation"
+LOAD = "Models and hardware"
+OUT = "Output"
+
+
+def _parse_size(size: Optional[str], width: Optional[int], height: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+    from rdbt_cli.presets import parse_size
+
+    w, h = (None, None)
+    if size is not None:
+        w, h = parse_size(size)
+    w = width if width is not None else w
+    h = height if height is not None else h
+    for name, v in (("width", w), ("height", h)):
+        if v is not None and (v <= 0 or v % 16):
+            raise ConfigError(f"--{name} {v}: must be a positive multiple of 16 (e.g. {max(16, (v // 16) * 16)})")
+    return w, h
+
+
+def _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, loras):
+    from rdbt_cli.batch import parse_lora_arg
+
+    w, h = _parse_size(size, width, height)
+    if sampler is not None and sampler not in SAMPLER_NAMES:
+        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
+    if scheduler is not None and scheduler not in SCHEDULER_NAMES:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps {steps}: must be at least 1")
+    if count is not None and count < 1:
+        raise ConfigError(f"--count {count}: must be at least 1")
+    if seed is not None and not (0 <= seed < 2**64):
+        raise ConfigError(f"--seed {seed}: must be between 0 and 2^64-1")
+    return GenParams(
+        prompt=prompt, negative=negative, width=w, height=h, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
+        scheduler=scheduler, shift=shift, count=count, loras=[parse_lora_arg(s) for s in loras] if loras else None,
+    )
+
+
+def _resolve_gen(flags: GenParams, preset_name: Optional[str], no_stack: bool, base: Optional[GenParams] = None):
+    """defaults < (recipe of --from) < preset < persistent LoRA stack < explicit flags."""
+    from rdbt_cli import lora_stack, presets
+
+    preset = presets.load_preset(preset_name) if preset_name else None
+    stack = [] if no_stack else lora_stack.load_stack()
+    defaults = DEFAULTS
+    if base is not None:
+        defaults = _overlay(DEFAULTS, base)
+    gen = presets.resolve(preset, stack, flags, defaults=defaults)
+    return gen, preset
+
+
+def _overlay(lower: GenParams, upper: GenParams) -> GenParams:
+    vals = {k: (getattr(upper, k) if getattr(upper, k) is not None else getattr(lower, k)) for k in vars(lower)}
+    return GenParams(**vals)
+
+
+@functools.lru_cache(maxsize=1)
+def _models_dirs(flag: Optional[str]) -> tuple[Path, ...]:
+    from rdbt_cli import discovery
+
+    return tuple(discovery.models_dirs(flag))
+
+
+def _resolve_paths(load: LoadParams, model_name: Optional[str]):
+    """Model, text encoder, VAE and tokenizer files — all checked before any weights are read."""
+    from rdbt_cli import discovery, text
+    from rdbt_cli.pipeline import ModelPaths
+
+    model_name = load.model or model_name
+    if model_name == "tiny":
+        from rdbt_cli.tiny import ensure_tiny_models
+
+        return ensure_tiny_models()
+    dirs = list(_models_dirs(load.models_dir))
+    dit = discovery.resolve_component("dit", model_name, dirs)
+    te = discovery.resolve_component("te", load.text_encoder, dirs)
+    vae = discovery.resolve_component("vae", load.vae, dirs)
+    qwen, t5 = text.find_tokenizers(text_encoder=te, models_dirs=dirs)
+    return ModelPaths(dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen, t5_tokenizer=t5)
+
+
+def _resolve_loras(specs: list[LoraSpec], load: LoadParams, paths) -> list[tuple[Path, float, LoraSpec]]:
+    from rdbt_cli import discovery, lora_stack
+
+    dirs = [Path(paths.dit).parent.parent / "loras"] + [d / "loras" for d in _models_dirs(load.models_dir)]
+    dirs += [d / "Lora" for d in _models_dirs(load.models_dir)]
+    return [(lora_stack.resolve_lora_name(s.name, [d for d in dirs if d.is_dir()]), s.weight, s) for s in specs]
+
+
+def _component_record(path: Path, hashes: bool = True) -> dict:
+    from rdbt_cli import discovery
+
+    h = None
+    if hashes:
+        try:
+            h = discovery.file_hashes(path).get("autov2")
+        except OSError:
+            h = None
+    return {"name": Path(path).stem, "file": Path(path).name, "hash": h}
+
+
+def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, load: LoadParams, engine) -> dict:
+    from rdbt_cli import discovery
+
+    lora_recs = []
+    for path, weight, spec in loras:
+        hs = discovery.file_hashes(path)
+        lora_recs.append({"name": Path(path).stem, "file": Path(path).name, "weight": weight,
+                          "hash": hs.get("autov2"), "a1111_hash": hs.get("a1111_lora")})
+    return {
+        "schema": "rdbt.recipe/1",
+        "rdbt_version": __version__,
+        "prompt": gen.prompt,
+        "negative": gen.negative or "",
+        "seed": seed,
+        "steps": gen.steps,
+        "cfg": gen.cfg,
+        "sampler": gen.sampler,
+        "scheduler": gen.scheduler,
+        "shift": gen.shift,
+        "width": gen.width,
+        "height": gen.height,
+        "model": _component_record(paths.dit),
+        "text_encoder": _component_record(paths.text_encoder),
+        "vae": _component_record(paths.vae),
+        "loras": lora_recs,
+        "preset": getattr(preset, "name", None),
+        "device": engine.device.type,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "index": index,
+    }
+
+
+def _check_output(out: Optional[str]) -> Path:
+    """Fail before loading anything if the output folder cannot be written."""
+    dest = Path(out) if out else Path("outputs")
+    folder = dest if (out is None or out.endswith(("/", os.sep)) or dest.is_dir() or not dest.suffix) else dest.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise OutputError(f"{folder}: output folder is not writable; choose another with --out")
+    return dest
+
+
+class _Progress:
+    """Rich progress on stderr: one bar per image with ETA, plus an overall bar when there are several."""
+
+    def __init__(self, total_images: int, steps: int, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=_stderr(), disable=quiet, transient=False,
+        )
+        self.total_images = total_images
+        self.steps = steps
+        self.overall = None
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        if self.total_images > 1:
+            self.overall = self.progress.add_task("images", total=self.total_images)
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def start_image(self, label: str, steps: int):
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(label, total=steps)
+
+    def step(self, info):
+        self.progress.advance(self.task)
+
+    def image_done(self):
+        if self.overall is not None:
+            self.progress.advance(self.overall)
+
+
+def _emit(path: Path, recipe: dict, as_json: bool):
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), **recipe}, ensure_ascii=False))
+    else:
+        typer.echo(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gen
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @app.command()
-def gen(prompt: str = typer.Argument(..., help="The prompt, in ComfyUI weight syntax.")) -> None:
+@friendly_errors
+def gen(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, in ComfyUI weight syntax: (word:1.2).")] = None,
+    negative: Annotated[Optional[str], typer.Option("-n", "--negative", help="Negative prompt.", rich_help_panel=GEN)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=GEN)] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=f"One of: {', '.join(SAMPLER_NAMES)}.", rich_help_panel=GEN)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=f"One of: {', '.join(SCHEDULER_NAMES)}.", rich_help_panel=GEN)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps.", rich_help_panel=GEN)] = None,
+    cfg: Annotated[Optional[float], typer.Option(help="CFG scale; 1 skips the negative prompt (twice as fast).", rich_help_panel=GEN)] = None,
+    shift: Annotated[Optional[float], typer.Option(help="Flow shift (ModelSamplingAuraFlow), default 3.", rich_help_panel=GEN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (random if absent; always recorded).", rich_help_panel=GEN)] = None,
+    size: Annotated[Optional[str], typer.Option(help="WxH, multiples of 16, e.g. 832x1216.", rich_help_panel=GEN)] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width (multiple of 16).", rich_help_panel=GEN)] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height (multiple of 16).", rich_help_panel=GEN)] = None,
+    count: Annotated[Optional[int], typer.Option(help="Images to make, with seeds seed, seed+1, …", rich_help_panel=GEN)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="NAME[:WEIGHT], repeatable; on top of the persistent stack.", rich_help_panel=GEN)] = None,
+    no_stack: Annotated[bool, typer.Option("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=GEN)] = False,
+    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=GEN)] = False,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-generate from the recipe recorded in a PNG (flags override).", rich_help_panel=GEN)] = None,
+    model: Annotated[Optional[str], typer.Option(help="DiT: a path, a name in the models folder, or 'tiny'.", rich_help_panel=LOAD)] = None,
+    text_encoder: Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)] = None,
+    vae: Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)] = None,
+    models_dir: Annotated[Optional[str], typer.Option(help="Models folder in ComfyUI layout (also $RDBT_MODELS).", rich_help_panel=LOAD)] = None,
+    device: Annotated[Device, typer.Option(help="auto, cpu or cuda.", rich_help_panel=LOAD)] = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)] = DType.auto,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)] = False,
+    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)] = False,
+):
     """Generate images from a prompt."""
-    _not_yet("gen")
+    base = None
+    if from_image is not None:
+        from rdbt_cli import metadata
+
+        base, recorded_model = _recipe_to_gen(metadata.read_png(from_image)["recipe"])
+        model = model or recorded_model
+        if prompt is None:
+            prompt = base.prompt
+    if prompt is None:
+        raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
+    flags = _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, lora)
+    # A recorded recipe holds its complete LoRA stack, so the persistent stack is not added to it again.
+    gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base)
+    load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=device.value,
+                      dtype=dtype.value)
+    dest = _check_output(out)
+    paths = _resolve_paths(load, getattr(preset_obj, "model", None))
+    loras = _resolve_loras(gen_p.loras or [], load, paths)
+    first_seed = gen_p.seed if gen_p.seed is not None else random.getrandbits(63)
+
+    from rdbt_cli import metadata
+    from rdbt_cli.pipeline import Engine, generate
+
+    eng = Engine.load(paths, device=load.device, dtype=load.dtype)
+    patch = eng.set_loras([(p, w) for p, w, _ in loras], allow_unmatched=allow_unmatched)
+    for warning in getattr(patch, "warnings", []) or []:
+        typer.echo(f"warning: {warning}", err=True)
+    n = gen_p.count or 1
+    with _Progress(n, gen_p.steps, quiet) as bar:
+        for i in range(n):
+            s = (first_seed + i) % 2**64
+            bar.start_image(f"seed {s}", gen_p.steps)
+            result = generate(eng, gen_p, seed=s, index=i, callback=bar.step)
+            recipe = _make_recipe(gen_p, s, i, paths, loras, preset_obj, load, eng)
+            path = metadata.save_png(result.image, dest if n == 1 or dest.suffix.lower() != ".png" else dest,
+                                     None if no_metadata else recipe, metadata=not no_metadata, stem=f"rdbt-{s}")
+            bar.image_done()
+            _emit(path, recipe, as_json)
+
+
+def _recipe_to_gen(recipe: dict) -> tuple[GenParams, Optional[str]]:
+    fields = {k: recipe.get(k) for k in ("prompt", "negative", "width", "height", "steps", "cfg", "seed", "sampler",
+                                         "scheduler", "shift")}
+    loras = [LoraSpec(l["name"], float(l.get("weight", 1.0))) for l in recipe.get("loras") or []]
+    model = (recipe.get("model") or {}).get("file") if isinstance(recipe.get("model"), dict) else recipe.get("model")
+    return GenParams(**fields, count=1, loras=loras), model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batch
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @app.command()
-def batch(file: str = typer.Argument(..., help="A file of prompts, one per line, or - for stdin.")) -> None:
-    """Generate every line of a prompt file, resuming where an interrupted run stopped."""
-    _not_yet("batch")
-    raise typer.Exit(1)
+@friendly_errors
+def batch(
+    file: Annotated[str, typer.Argument(help="Prompt file: one prompt per line, optional ` --flag value` overrides; - for stdin.")],
+    negative: Annotated[Optional[str], typer.Option("-n", "--negative", help="Negative prompt for every line.", rich_help_panel=GEN)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset for every line (a line's --preset wins).", rich_help_panel=GEN)] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="Sampler.", rich_help_panel=GEN)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Scheduler.", rich_help_panel=GEN)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Steps.", rich_help_panel=GEN)] = None,
+    cfg: Annotated[Optional[float], typer.Option(help="CFG scale.", rich_help_panel=GEN)] = None,
+    shift: Annotated[Optional[float], typer.Option(help="Flow shift.", rich_help_panel=GEN)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for every line (default: a fixed seed per line).", rich_help_panel=GEN)] = None,
+    size: Annotated[Optional[str], typer.Option(help="WxH.", rich_help_panel=GEN)] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width.", rich_help_panel=GEN)] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height.", rich_help_panel=GEN)] = None,
+    count: Annotated[Optional[int], typer.Option(help="Images per line.", rich_help_panel=GEN)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="NAME[:WEIGHT], repeatable.", rich_help_panel=GEN)] = None,
+    no_stack: Annotated[bool, typer.Option("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=GEN)] = False,
+    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Apply LoRAs even if some keys do not fit.", rich_help_panel=GEN)] = False,
+    model: Annotated[Optional[str], typer.Option(help="DiT: a path, a name, or 'tiny'.", rich_help_panel=LOAD)] = None,
+    text_encoder: Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)] = None,
+    vae: Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)] = None,
+    models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).", rich_help_panel=LOAD)] = None,
+    device: Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)] = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.", rich_help_panel=LOAD)] = DType.auto,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)] = False,
+):
+    """Generate every line of a prompt file; run it again to resume where an interrupted run stopped.
+
+    Under torchrun each rank takes its share of the images: torchrun --nproc-per-node 4 -m rdbt_cli batch prompts.txt
+    """
+    import time
+
+    from rdbt_cli import batch as batch_mod
+
+    t_start = time.perf_counter()
+    rank, world, local_rank = batch_mod.torchrun_env()
+    text = batch_mod.read_batch_source(file)
+    lines = batch_mod.parse_batch(text)
+    bid = batch_mod.batch_id(text)
+    out_dir = Path(out) if out else Path("outputs")
+    _check_output(str(out_dir) + os.sep)
+    base = _flags_to_gen(None, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, lora)
+    failures: dict[int, str] = {line.lineno: line.error for line in lines if line.error}
+    resolved: dict[int, tuple] = {}
+    for line in lines:
+        if line.error:
+            continue
+        try:
+            g, p = _resolve_gen(batch_mod.merge_flags(base, line.overrides), line.preset or preset, no_stack)
+            if g.seed is None:
+                g.seed = batch_mod.line_seed(bid, line.lineno)
+            resolved[line.lineno] = (g, p)
+        except RdbtError as err:
+            failures[line.lineno] = f"line {line.lineno}: {err}"
+    good = [line for line in lines if line.lineno in resolved]
+    done = batch_mod.load_done(out_dir, bid)
+    jobs = batch_mod.plan_jobs(good, {ln: g.count or 1 for ln, (g, _) in resolved.items()}, rank, world, done)
+
+    dev = device.value
+    if world > 1 and dev in ("auto", "cuda"):
+        from rdbt_cli.pipeline import resolve_device
+
+        if resolve_device(dev).type == "cuda":
+            dev = f"cuda:{local_rank}"
+    load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=dev,
+                      dtype=dtype.value)
+    made = 0
+    if jobs:
+        made = _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet,
+                               preset)
+    elapsed = time.perf_counter() - t_start
+    _batch_summary(rank, world, made, len(done), failures, elapsed)
+
+
+def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet, preset):
+    from rdbt_cli import batch as batch_mod, metadata
+    from rdbt_cli.pipeline import Engine, generate
+
+    first_preset = resolved[jobs[0].lineno][1] or (preset and _resolve_gen(GenParams(), preset, True)[1])
+    paths = _resolve_paths(load, getattr(first_preset, "model", None))
+    eng = Engine.load(paths, device=load.device, dtype=load.dtype)
+    made, current_stack = 0, None
+    with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
+        for job in jobs:
+            if job.lineno in failures:
+                continue
+            g, p = resolved[job.lineno]
+            s = (g.seed + job.index) % 2**64
+            try:
+                loras = _resolve_loras(g.loras or [], load, paths)
+                stack = [(path, w) for path, w, _ in loras]
+                if stack != current_stack:
+                    patch = eng.set_loras(stack, allow_unmatched=allow_unmatched)
+                    current_stack = stack
+                    for warning in getattr(patch, "warnings", []) or []:
+                        typer.echo(f"warning: line {job.lineno}: {warning}", err=True)
+                bar.start_image(f"line {job.lineno} #{job.index + 1} seed {s}", g.steps)
+                result = generate(eng, g, seed=s, index=job.index, callback=bar.step)
+                recipe = _make_recipe(g, s, job.index, paths, loras, p, load, eng)
+                recipe["batch"] = {"id": bid, "line": job.lineno, "job": job.key}
+                path = metadata.save_png(result.image, out_dir, recipe, stem=f"L{job.lineno:04d}-{job.index:03d}-{s}")
+            except RdbtError as err:
+                failures[job.lineno] = f"line {job.lineno}: {err}"
+                current_stack = None
+                continue
+            manifest.add(job, Path(path).name, s)
+            made += 1
+            bar.image_done()
+            _emit(path, recipe, as_json)
+    return made
+
+
+def _batch_summary(rank, world, made, skipped, failures, elapsed):
+    """Rank 0 prints one summary for all ranks; every rank exits non-zero if any line failed anywhere."""
+    results = [(made, failures, elapsed)]
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        results = [None] * world
+        dist.all_gather_object(results, (made, failures, elapsed))
+        dist.destroy_process_group()
+    total = sum(r[0] for r in results)
+    all_failures = {}
+    for r in results:
+        all_failures.update(r[1])
+    wall = max(r[2] for r in results)
+    if rank == 0:
+        rate = total / wall * 60 if wall > 0 else 0.0
+        msg = f"{total} images made"
+        if skipped:
+            msg += f", {skipped} already done"
+        msg += f", {len(all_failures)} failed lines, {rate:.1f} images/min over {world} process(es)"
+        typer.echo(msg, err=True)
+        for ln in sorted(all_failures):
+            typer.echo(f"  {all_failures[ln]}", err=True)
+    if all_failures:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inspect, models, presets, samplers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    images: Annotated[list[Path], typer.Argument(help="PNG files to read.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the recipe(s) as JSON.")] = False,
+):
+    """Show the recipe recorded in images (rdbt first, then A1111/Forge, then ComfyUI metadata)."""
+    from rdbt_cli import metadata
+
+    failed = 0
+    for path in images:
+        try:
+            info = metadata.read_png(path)
+        except RdbtError as err:
+            if len(images) == 1:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            failed += 1
+            continue
+        if as_json:
+            typer.echo(json.dumps({"path": str(path), "source": info["source"], **info["recipe"]}, ensure_ascii=False))
+        else:
+            if len(images) > 1:
+                typer.echo(f"== {path}")
+            typer.echo(metadata.summarise(info))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def models(
+    models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+):
+    """List the model files rdbt finds, with component type, size and short hash."""
+    from rdbt_cli import discovery
+
+    dirs = list(_models_dirs(models_dir))
+    if not dirs:
+        raise ConfigError(
+            "no models folder found; pass --models-dir DIR or set RDBT_MODELS (ComfyUI's models/ works as is), "
+            "or fetch the official files with `rdbt download`"
+        )
+    items = discovery.inventory(dirs)
+    if as_json:
+        typer.echo(json.dumps([_info_dict(i) for i in items], ensure_ascii=False, indent=1))
+        return
+    from rich.table import Table
+    from rich.console import Console
+
+    table = Table("kind", "file", "size", "hash", "details", title=" · ".join(str(d) for d in dirs))
+    for i in items:
+        d = _info_dict(i)
+        table.add_row(d["kind"], d["path"], f"{d['size'] / 2**20:,.1f} MiB", d.get("hash") or "", d.get("details") or "")
+    Console().print(table)
+
+
+def _info_dict(info) -> dict:
+    d = info if isinstance(info, dict) else dict(vars(info))
+    path = Path(d["path"])
+    details = d.get("details") or {}
+    return {
+        "kind": d.get("kind"),
+        "path": str(path),
+        "size": d.get("size") if d.get("size") is not None else (path.stat().st_size if path.exists() else 0),
+        "hash": d.get("hash") or d.get("short_hash"),
+        "details": ", ".join(f"{k}={v}" for k, v in details.items()) if isinstance(details, dict) else str(details),
+    }
+
+
+@app.command()
+@friendly_errors
+def presets(
+    name: Annotated[Optional[str], typer.Argument(help="Show this preset in full.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+):
+    """List the presets (built in and in your config folder), or show one."""
+    from rdbt_cli import presets as presets_mod
+
+    if name is None:
+        items = presets_mod.list_presets()
+        if as_json:
+            typer.echo(json.dumps([{k: str(v) for k, v in vars(p).items()} for p in items], indent=1))
+            return
+        for p in items:
+            typer.echo(f"{p.name:16} {p.source:8} {p.description or ''}")
+        return
+    preset = presets_mod.load_preset(name)
+    path = getattr(preset, "path", None)
+    if as_json:
+        typer.echo(json.dumps({k: (v if isinstance(v, (int, float, str, type(None))) else str(v))
+                               for k, v in vars(preset).items()}, indent=1))
+    elif path and Path(path).exists():
+        typer.echo(f"# {path}")
+        typer.echo(Path(path).read_text(encoding="utf-8"))
+    else:
+        typer.echo(str(preset))
+
+
+@app.command()
+def samplers():
+    """List the sampler and scheduler names rdbt accepts."""
+    typer.echo("samplers:   " + ", ".join(SAMPLER_NAMES))
+    typer.echo("schedulers: " + ", ".join(SCHEDULER_NAMES))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lora-stack
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @app.command("lora-stack")
-def lora_stack() -> None:
+@friendly_errors
+def lora_stack_cmd(
+    add: Annotated[Optional[list[str]], typer.Option("--add", help="NAME[:WEIGHT] to add (e.g. turbo:0.3).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="NAME:WEIGHT to change a weight.")] = None,
+    remove: Annotated[Optional[list[str]], typer.Option("--remove", help="NAME to remove.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every LoRA from the stack.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="Show the stack (the default).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    models_dir: Annotated[Optional[str], typer.Option(help="Models folder whose loras/ names resolve.")] = None,
+):
     """Show or edit the persistent LoRA stack that gen and batch apply."""
-    _not_yet("lora-stack")
-    raise typer.Exit(1)
+    from rdbt_cli import lora_stack
+    from rdbt_cli.batch import parse_lora_arg
+
+    if clear:
+        lora_stack.clear()
+    for item in add or []:
+        spec = parse_lora_arg(item)
+        lora_dirs = [d / sub for d in _models_dirs(models_dir) for sub in ("loras", "Lora") if (d / sub).is_dir()]
+        if not Path(spec.name).exists():
+            lora_stack.resolve_lora_name(spec.name, lora_dirs)  # fail now, not at the next gen
+        lora_stack.add(spec)
+    for item in set_ or []:
+        spec = parse_lora_arg(item)
+        if ":" not in item:
+            raise ConfigError(f"--set {item}: give NAME:WEIGHT, e.g. --set turbo:0.4")
+        lora_stack.set_weight(spec.name, spec.weight)
+    for item in remove or []:
+        lora_stack.remove(item)
+    stack = lora_stack.load_stack()
+    if as_json:
+        typer.echo(json.dumps([{"name": s.name, "weight": s.weight} for s in stack]))
+    elif not stack:
+        typer.echo("the LoRA stack is empty (add one with: rdbt lora-stack --add NAME:WEIGHT)")
+    else:
+        for s in stack:
+            typer.echo(f"{s.name}:{s.weight:g}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# download
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @app.command()
-def inspect(images: list[str] = typer.Argument(..., help="PNG files to read.")) -> None:
-    """Show the recipe recorded in images (rdbt, A1111/Forge and ComfyUI metadata)."""
-    _not_yet("inspect")
-    raise typer.Exit(1)
+@friendly_errors
+def download(
+    models_dir: Annotated[Optional[str], typer.Option(help="Where to put the files (ComfyUI layout).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="dit, te, vae or tokenizers (repeatable).")] = None,
+):
+    """Fetch the official Anima files and tokenizers from Hugging Face (resumable)."""
+    from rdbt_cli import discovery
 
-
-if __name__ == "__main__":
-    app()
+    target = models_dir or os.environ.get("RDBT_MODELS", "").split(os.pathsep)[0] or None
+    if not target:
+        raise ConfigError("say where to put the files: rdbt download --models-dir DIR (or set RDBT_MODELS)")
+    comps = tuple(only) if only else ("dit", "te", "vae", "tokenizers")
+    for path in discovery.download_official(Path(target), comps):
+        typer.echo(str(path))

@@ -1,0 +1,158 @@
+"""The whole text-to-image data flow, and the only module that knows it.
+
+Engine.load reads the three networks and the tokenizers once; encode() turns a prompt into the DiT's cross-attention
+context once per prompt; generate() samples and decodes one image per seed. Library code: never prints, reports
+through callbacks, raises RdbtError subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rdbt_cli import engine, sampling, text
+from rdbt_cli import engine_text, engine_vae  # merged into engine.py once the sections land
+from rdbt_cli.config import GenParams
+from rdbt_cli.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelPaths:
+    dit: Path
+    text_encoder: Path
+    vae: Path
+    qwen_tokenizer: Path
+    t5_tokenizer: Path
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available to this torch build; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(compute dtype of the DiT and VAE, whether fp8 weights stay fp8 in memory)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), True
+        # fp32 on the CPU: the reference numbers, and most CPUs have no fast bf16 matmul.
+        return torch.float32, False
+    if name == "fp8":
+        return (torch.bfloat16 if device.type == "cuda" else torch.float32), True
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; valid: auto, fp32, bf16, fp16, fp8")
+    return DTYPES[name], False
+
+
+@dataclass
+class Engine:
+    dit: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: text.PromptTokenizer
+    device: torch.device
+    dtype: torch.dtype
+    paths: ModelPaths
+    timings: dict = field(default_factory=dict)
+    patch: object = None
+    _contexts: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto") -> "Engine":
+        dev = resolve_device(device)
+        dt, keep_fp8 = resolve_dtype(dtype, dev)
+        t0 = time.perf_counter()
+        tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
+        te = engine_text.load_text_encoder(paths.text_encoder, device=dev)
+        dit = engine.load_dit(paths.dit, device=dev, dtype=dt, keep_fp8=keep_fp8)
+        vae = engine_vae.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
+        eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths)
+        eng.timings["load_s"] = time.perf_counter() - t0
+        return eng
+
+    def set_loras(self, loras: list[tuple[Path, float]], *, allow_unmatched: bool = False):
+        """Undo the previous stack (exactly) and merge this one; no reload. Returns the Patch (or None)."""
+        from rdbt_cli import lora
+
+        if self.patch is not None:
+            self.patch.undo()
+            self.patch = None
+        self._contexts.clear()  # a LoRA on the adapter or the text encoder changes every context
+        if loras:
+            files = [(lora.parse_lora_file(p), w) for p, w in loras]
+            self.patch = lora.apply_loras(
+                {"dit": self.dit, "te": self.text_encoder}, files, allow_unmatched=allow_unmatched
+            )
+        return self.patch
+
+    @torch.inference_mode()
+    def encode(self, prompt: str) -> torch.Tensor:
+        """Prompt → padded cross-attention context [1, S, D]; cached, so each prompt is encoded once per process."""
+        if prompt not in self._contexts:
+            tp = self.tokenizer.tokenize(prompt)
+            ids = torch.tensor([tp.qwen_ids], device=self.device)
+            hidden = self.text_encoder(ids)
+            t5 = torch.tensor([tp.t5_ids], device=self.device)
+            w = torch.tensor([tp.t5_weights], device=self.device, dtype=torch.float32)
+            self._contexts[prompt] = self.dit.encode_context(hidden, t5, w)
+        return self._contexts[prompt]
+
+
+@dataclass
+class Result:
+    image: "object"  # uint8 numpy [H, W, 3]
+    seed: int
+    index: int
+    timings: dict
+
+
+def _model_fn(dit):
+    def fn(x, sigma, context):
+        return dit(x, sigma, context)
+
+    return fn
+
+
+@torch.inference_mode()
+def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback=None) -> Result:
+    """Make one image for `seed` with fully resolved `gen` (ComfyUI's KSampler + VAEDecode + SaveImage path)."""
+    t0 = time.perf_counter()
+    cond = eng.encode(gen.prompt)
+    uncond = None if math.isclose(gen.cfg, 1.0) else eng.encode(gen.negative or "")
+    t_text = time.perf_counter()
+    sigmas = sampling.get_sigmas(gen.scheduler, gen.steps, shift=gen.shift).to(eng.device)
+    shape = (1, 16, 1, gen.height // 8, gen.width // 8)
+    # Noise from a CPU generator: the same seed gives the same starting point on any device, as in ComfyUI.
+    x = sampling.prepare_latent(seed, torch.zeros(shape), sigmas).to(eng.device)
+    denoiser = sampling.CFGDenoiser(_model_fn(eng.dit), cond, uncond, gen.cfg)
+    first_step = {}
+
+    def on_step(info):
+        if "t" not in first_step:
+            first_step["t"] = time.perf_counter()
+        if callback is not None:
+            callback(info)
+
+    x = sampling.sample(gen.sampler, denoiser, x, sigmas, seed=seed, callback=on_step, shift=gen.shift)
+    t_sample = time.perf_counter()
+    z = engine_vae.latent_to_vae(x.float())
+    img = eng.vae.decode(z)
+    pixels = engine_vae.to_uint8(img)[0]
+    t_end = time.perf_counter()
+    timings = {
+        "text_s": t_text - t0,
+        "first_step_s": first_step.get("t", t_sample) - t0,
+        "sample_s": t_sample - t_text,
+        "decode_s": t_end - t_sample,
+        "total_s": t_end - t0,
+    }
+    return Result(image=pixels, seed=seed, index=index, timings=timings)
