@@ -259,7 +259,7 @@ class AdapterBlock(nn.Module):
 
 
 class LLMAdapter(nn.Module):
-    """Maps Qwen3 hidden states [B, N, source_dim] and T5 ids [B, M] to DiT context rows [B, M, target_dim]. No masks."""
+    """Qwen3 hidden states [B, N, source_dim] + T5 ids [B, M] -> DiT context rows [B, M, target_dim]. No masks."""
 
     def __init__(self, p: AdapterParams):
         super().__init__()
@@ -589,9 +589,9 @@ _HIGH_PRECISION = re.compile(r"^(t_embedder\.|t_embedding_norm\.)|adaln_modulati
 
 # What a file that is not an Anima DiT looks like, by a key fragment it carries (checked in order).
 _LOOKALIKES = (
-    (("lora_down", "lora_up", "lora_A", "lora_B", "lokr_w", "hada_w", ".alpha"), "a LoRA; pass it with --lora"),
-    (("decoder.middle.", "encoder.downsamples.", "decoder.upsamples."), "a VAE; pass it with --vae"),
-    (("embed_tokens.weight", "layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"), "a text encoder; pass it with --te"),
+    (("lora_down", "lora_up", "lora_A", "lora_B", "lokr_w", "hada_w", ".alpha"), "a LoRA; give it as a LoRA"),
+    (("decoder.middle.", "encoder.downsamples.", "decoder.upsamples."), "a VAE; give it as the VAE"),
+    (("embed_tokens.weight", "layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"), "a text encoder; give it as TE"),
     (("transformer_blocks.0.attn1.to_q",), "a diffusers-format transformer; use the ComfyUI split file (net.* keys)"),
     (("input_blocks.", "double_blocks.", "joint_blocks."), "an SD/SDXL/Flux/SD3 model, not Anima"),
 )
@@ -613,7 +613,9 @@ def _count_indexed(keys, prefix: str) -> int:
     return len(found)
 
 
-def infer_dit_params(sd: dict[str, torch.Tensor], path: str | os.PathLike = "state dict") -> tuple[DiTParams, AdapterParams]:
+def infer_dit_params(
+    sd: dict[str, torch.Tensor], path: str | os.PathLike = "state dict"
+) -> tuple[DiTParams, AdapterParams]:
     """DiT and adapter sizes from tensor shapes alone (keys without the file prefix)."""
     if "x_embedder.proj.1.weight" not in sd:
         raise CheckpointError(f"{path}: looks like {_looks_like(sd)}")
@@ -655,7 +657,7 @@ def infer_dit_params(sd: dict[str, torch.Tensor], path: str | os.PathLike = "sta
     except ValueError:
         raise CheckpointMismatch(f"{path}: an Anima key has an unexpected number of dimensions") from None
     if D % head_dim or patch_in % 4:
-        raise CheckpointMismatch(f"{path}: width {D} is not a multiple of head_dim {head_dim}, or patch input {patch_in}")
+        raise CheckpointMismatch(f"{path}: width {D} is not a multiple of head_dim {head_dim}, or patch {patch_in}")
     return dit, adapter
 
 

@@ -25,6 +25,11 @@ from rdbt_cli.tiny import tiny_dit_state_dict, write_tiny_dit
 
 
 @pytest.fixture(scope="module")
+def tiny_sd():
+    return tiny_dit_state_dict(prefix="")
+
+
+@pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
     return write_tiny_dit(tmp_path_factory.mktemp("dit") / "anima_tiny.safetensors")
 
@@ -50,8 +55,8 @@ def _inputs(B=2, h=8, w=12, seed=0):
 
 @pytest.mark.parametrize("prefix", ["net.", "model.diffusion_model.", "diffusion_model.", ""])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_strict_round_trip_every_prefix_and_dtype(tmp_path, prefix, dtype):
-    sd = {k: v.to(dtype) for k, v in tiny_dit_state_dict(prefix=prefix).items()}
+def test_strict_round_trip_every_prefix_and_dtype(tmp_path, tiny_sd, prefix, dtype):
+    sd = {prefix + k: v.to(dtype) for k, v in tiny_sd.items()}
     # Recomputed buffers some Cosmos-derived files carry must be tolerated.
     sd[prefix + "pos_embedder.seq"] = torch.arange(256, dtype=torch.float32)
     sd[prefix + "blocks.0.self_attn._extra_state"] = torch.zeros(4, dtype=torch.uint8)
@@ -83,12 +88,14 @@ def _meta_sd(dit, adapter):
         (
             DiTParams(model_channels=120, num_blocks=1, num_heads=5, mlp_dim=200, in_channels=16, out_channels=16,
                       context_dim=40, adaln_lora_dim=24),
-            AdapterParams(source_dim=72, model_dim=60, target_dim=40, num_layers=3, num_heads=5, vocab_size=77, mlp_dim=100),
+            AdapterParams(source_dim=72, model_dim=60, target_dim=40, num_layers=3, num_heads=5, vocab_size=77,
+                          mlp_dim=100),
         ),
         (
             DiTParams(model_channels=96, num_blocks=2, num_heads=3, mlp_dim=384, in_channels=4, out_channels=4,
                       context_dim=96, adaln_lora_dim=32),
-            AdapterParams(source_dim=96, model_dim=96, target_dim=96, num_layers=1, num_heads=1, vocab_size=11, mlp_dim=384),
+            AdapterParams(source_dim=96, model_dim=96, target_dim=96, num_layers=1, num_heads=1, vocab_size=11,
+                          mlp_dim=384),
         ),
     ],
 )
@@ -267,8 +274,8 @@ def test_golden_encode_context(prompt):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fp8_file(tmp_path, scaled: bool, quantise_t_embedder: bool = False):
-    sd = tiny_dit_state_dict()
+def _fp8_file(tmp_path, sd, scaled: bool, quantise_t_embedder: bool = False):
+    sd = {"net." + k: v for k, v in sd.items()}
     out = {"net.scaled_fp8": torch.zeros(1, dtype=torch.float8_e4m3fn)} if scaled else {}
     for k, v in sd.items():
         core = k[len("net.") :]
@@ -288,8 +295,8 @@ def _fp8_file(tmp_path, scaled: bool, quantise_t_embedder: bool = False):
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-def test_fp8_weights_stay_fp8_and_match_bf16(tmp_path, tiny32, scaled):
-    model = load_dit(_fp8_file(tmp_path, scaled, quantise_t_embedder=True))
+def test_fp8_weights_stay_fp8_and_match_bf16(tmp_path, tiny_sd, tiny32, scaled):
+    model = load_dit(_fp8_file(tmp_path, tiny_sd, scaled, quantise_t_embedder=True))
     q = model.blocks[0].self_attn.q_proj
     assert q.weight.dtype == torch.float8_e4m3fn
     assert model.compute_dtype == torch.float32  # CPU default for fp8 files
@@ -304,7 +311,7 @@ def test_fp8_weights_stay_fp8_and_match_bf16(tmp_path, tiny32, scaled):
         ref, out = tiny32(x, t, ctx), model(x, t, ctx)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 0.1, rel
-    unquantised = load_dit(_fp8_file(tmp_path, scaled), keep_fp8=False)
+    unquantised = load_dit(_fp8_file(tmp_path, tiny_sd, scaled), keep_fp8=False)
     assert not any(p.dtype in FP8_DTYPES for p in unquantised.parameters())
 
 
@@ -368,8 +375,8 @@ def test_context_cache_sees_patches_of_inference_tensors(tiny_file):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _bad_files(tmp_path):
-    good = tiny_dit_state_dict()
+def _bad_files(tmp_path, sd):
+    good = {"net." + k: v for k, v in sd.items()}
     files = {}
 
     def st(name, sd):
@@ -395,15 +402,26 @@ def _bad_files(tmp_path):
     return files
 
 
-def test_bad_files_raise_one_line_checkpoint_errors(tmp_path):
+def test_bad_files_raise_one_line_checkpoint_errors(tmp_path, tiny_sd):
     expect = {
         "missing": "not found", "truncated": "truncated", "pickle": "pickle", "random": "not a safetensors",
         "vae": "VAE", "te": "text encoder", "lora": "LoRA", "missing_key": "blocks.1.mlp.layer2.weight",
         "unexpected_key": "blocks.0.mlp.layer3.weight", "misshaped_key": "blocks.1.cross_attn.v_proj.weight",
     }
-    for name, path in _bad_files(tmp_path).items():
+    for name, path in _bad_files(tmp_path, tiny_sd).items():
         with pytest.raises(CheckpointError) as err:
             load_dit(path)
         msg = str(err.value)
         assert str(path) in msg and "\n" not in msg, (name, msg)
         assert expect[name] in msg, (name, msg)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_half_precision_compute_stays_close_to_fp32(tiny_file, tiny32, dtype, tol):
+    model = load_dit(tiny_file, dtype=dtype)
+    assert model.compute_dtype == dtype
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        ref, out = tiny32(x, t, ctx), model(x, t, ctx)
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()) < tol
