@@ -21,6 +21,7 @@ float32 runs agree to float rounding (spec/sampling.md §0, L1/L2).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -175,11 +176,10 @@ def _beta_ppf(q: float, a: float, b: float) -> float:
         return 0.0
     if q >= 1.0:
         return 1.0
+    # only rint(ppf * 999) is used, so 1e-14 absolute is far more than enough
     lo, hi = 0.0, 1.0
-    for _ in range(200):
+    while hi - lo > 1e-14:
         mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
         if _betainc(a, b, mid) < q:
             lo = mid
         else:
@@ -322,7 +322,11 @@ class BrownianTreeNoiseSampler:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         t0, t1, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
         device, dtype = t0.device, t0.dtype
-        w = self.tree(t0.detach().cpu().float(), t1.detach().cpu().float()) * (self.sign * sign)
+        with warnings.catch_warnings():
+            # torchsde rounds the tree's ends to 6 decimals, so a query at sigma_min can fall just outside and is
+            # clamped with a warning; harmless, and ComfyUI gets the same numbers
+            warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
+            w = self.tree(t0.detach().cpu().float(), t1.detach().cpu().float()) * (self.sign * sign)
         return w.to(device=device, dtype=dtype) / (t1 - t0).abs().sqrt()
 
 
