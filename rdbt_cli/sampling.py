@@ -371,6 +371,8 @@ def sample_euler(model: Denoiser, x, sigmas, *, callback=None, noise_sampler=Non
 
 def sample_euler_ancestral(model: Denoiser, x, sigmas, *, callback=None, noise_sampler=None, eta=1.0, s_noise=1.0):
     """ComfyUI sample_euler_ancestral_RF: ancestral Euler with the rectified-flow re-noise (alpha = 1 - sigma)."""
+    if noise_sampler is None and eta > 0:
+        raise ConfigError("euler_ancestral needs a noise sampler; call sampling.sample(...) with a seed")
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
