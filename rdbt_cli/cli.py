@@ -139,15 +139,20 @@ def _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed,
     )
 
 
-def _resolve_gen(flags: GenParams, preset_name: Optional[str], no_stack: bool, base: Optional[GenParams] = None):
+# The embedded tiny model is for trying the pipeline, so its defaults keep a CPU run to a few seconds.
+TINY_DEFAULTS = GenParams(width=256, height=256, steps=12)
+
+
+def _resolve_gen(flags: GenParams, preset_name: Optional[str], no_stack: bool, base: Optional[GenParams] = None,
+                 tiny: bool = False):
     """defaults < (recipe of --from) < preset < persistent LoRA stack < explicit flags."""
     from rdbt_cli import lora_stack, presets
 
     preset = presets.load_preset(preset_name) if preset_name else None
     stack = [] if no_stack else lora_stack.load_stack()
-    defaults = DEFAULTS
+    defaults = _overlay(DEFAULTS, TINY_DEFAULTS) if tiny else DEFAULTS
     if base is not None:
-        defaults = _overlay(DEFAULTS, base)
+        defaults = _overlay(defaults, base)
     gen = presets.resolve(preset, stack, flags, defaults=defaults)
     return gen, preset
 
@@ -237,7 +242,8 @@ def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, lo
 def _check_output(out: Optional[str]) -> Path:
     """Fail before loading anything if the output folder cannot be written."""
     dest = Path(out) if out else Path("outputs")
-    folder = dest if (out is None or out.endswith(("/", os.sep)) or dest.is_dir() or not dest.suffix) else dest.parent
+    # Same rule as metadata.save_png: a .png path is a file, anything else a folder.
+    folder = dest.parent if dest.suffix.lower() == ".png" else dest
     probe = folder
     while not probe.exists():
         probe = probe.parent
@@ -255,11 +261,13 @@ class _Progress:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), console=_stderr(), disable=quiet, transient=False,
+            redirect_stdout=False, redirect_stderr=False,
         )
         self.total_images = total_images
         self.steps = steps
         self.overall = None
         self.task = None
+        self.live = not quiet
 
     def __enter__(self):
         self.progress.__enter__()
@@ -283,11 +291,12 @@ class _Progress:
             self.progress.advance(self.overall)
 
 
-def _emit(path: Path, recipe: dict, as_json: bool):
-    if as_json:
-        typer.echo(json.dumps({"path": str(path), **recipe}, ensure_ascii=False))
+def _emit(path: Path, recipe: dict, as_json: bool, bar: "_Progress | None" = None):
+    line = json.dumps({"path": str(path), **recipe}, ensure_ascii=False) if as_json else str(path)
+    if bar is not None and bar.live and sys.stdout.isatty():
+        bar.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # above the live bar
     else:
-        typer.echo(str(path))
+        typer.echo(line)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,7 +348,7 @@ def gen(
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     flags = _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, lora)
     # A recorded recipe holds its complete LoRA stack, so the persistent stack is not added to it again.
-    gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base)
+    gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base, tiny=model == "tiny")
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=device.value,
                       dtype=dtype.value)
     dest = _check_output(out)
@@ -364,7 +373,7 @@ def gen(
             path = metadata.save_png(result.image, dest if n == 1 or dest.suffix.lower() != ".png" else dest,
                                      None if no_metadata else recipe, metadata=not no_metadata, stem=f"rdbt-{s}")
             bar.image_done()
-            _emit(path, recipe, as_json)
+            _emit(path, recipe, as_json, bar)
 
 
 def _recipe_to_gen(recipe: dict) -> tuple[GenParams, Optional[str]]:
@@ -431,7 +440,8 @@ def batch(
         if line.error:
             continue
         try:
-            g, p = _resolve_gen(batch_mod.merge_flags(base, line.overrides), line.preset or preset, no_stack)
+            g, p = _resolve_gen(batch_mod.merge_flags(base, line.overrides), line.preset or preset, no_stack,
+                                tiny=model == "tiny")
             if g.seed is None:
                 g.seed = batch_mod.line_seed(bid, line.lineno)
             resolved[line.lineno] = (g, p)
@@ -471,6 +481,11 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
                 continue
             g, p = resolved[job.lineno]
             s = (g.seed + job.index) % 2**64
+            stem = f"L{job.lineno:04d}-{job.index:03d}-{s}"
+            if _already_saved(out_dir / f"{stem}.png", bid, job.key):
+                # Killed after the PNG was written but before its manifest line: record it, do not make it twice.
+                manifest.add(job, f"{stem}.png", s)
+                continue
             try:
                 loras = _resolve_loras(g.loras or [], load, paths)
                 stack = [(path, w) for path, w, _ in loras]
@@ -483,7 +498,7 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
                 result = generate(eng, g, seed=s, index=job.index, callback=bar.step)
                 recipe = _make_recipe(g, s, job.index, paths, loras, p, load, eng)
                 recipe["batch"] = {"id": bid, "line": job.lineno, "job": job.key}
-                path = metadata.save_png(result.image, out_dir, recipe, stem=f"L{job.lineno:04d}-{job.index:03d}-{s}")
+                path = metadata.save_png(result.image, out_dir, recipe, stem=stem)
             except RdbtError as err:
                 failures[job.lineno] = f"line {job.lineno}: {err}"
                 current_stack = None
@@ -491,8 +506,20 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
             manifest.add(job, Path(path).name, s)
             made += 1
             bar.image_done()
-            _emit(path, recipe, as_json)
+            _emit(path, recipe, as_json, bar)
     return made
+
+
+def _already_saved(path: Path, bid: str, job_key: str) -> bool:
+    from rdbt_cli import metadata
+
+    if not path.exists():
+        return False
+    try:
+        batch_rec = metadata.read_png(path)["recipe"].get("batch") or {}
+    except RdbtError:
+        return False
+    return batch_rec.get("id") == bid and batch_rec.get("job") == job_key
 
 
 def _batch_summary(rank, world, made, skipped, failures, elapsed):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rdbt_cli import engine, sampling, text
-from rdbt_cli import engine_text, engine_vae  # merged into engine.py once the sections land
+from rdbt_cli import engine_vae  # merged into engine.py once the section lands
 from rdbt_cli.config import GenParams
 from rdbt_cli.errors import ConfigError
 
@@ -72,7 +72,7 @@ class Engine:
         dt, keep_fp8 = resolve_dtype(dtype, dev)
         t0 = time.perf_counter()
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
-        te = engine_text.load_text_encoder(paths.text_encoder, device=dev)
+        te = engine.load_text_encoder(paths.text_encoder, device=dev)
         dit = engine.load_dit(paths.dit, device=dev, dtype=dt, keep_fp8=keep_fp8)
         vae = engine_vae.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
         eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths)
@@ -100,7 +100,9 @@ class Engine:
         if prompt not in self._contexts:
             tp = self.tokenizer.tokenize(prompt)
             ids = torch.tensor([tp.qwen_ids], device=self.device)
-            hidden = self.text_encoder(ids)
+            # ComfyUI masks <|endoftext|> tokens that lead or trail the real text; a no-op for ordinary prompts.
+            mask = torch.tensor([tp.qwen_mask], device=self.device) if tp.qwen_mask else None
+            hidden = self.text_encoder(ids, mask)
             t5 = torch.tensor([tp.t5_ids], device=self.device)
             w = torch.tensor([tp.t5_weights], device=self.device, dtype=torch.float32)
             self._contexts[prompt] = self.dit.encode_context(hidden, t5, w)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from conftest import shared_path
 from rdbt_cli.config import TINY_QWEN, QwenParams
 from rdbt_cli.engine import load_into
-from rdbt_cli.engine_text import QWEN_PREFIXES, Qwen3Encoder, infer_qwen_params, load_text_encoder
+from rdbt_cli.engine import QWEN_PREFIXES, Qwen3Encoder, infer_qwen_params, load_text_encoder
 from rdbt_cli.errors import CheckpointError, CheckpointMismatch
 from rdbt_cli.tiny_text import tiny_qwen_state_dict, write_tiny_text_encoder
 

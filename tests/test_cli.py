@@ -1,0 +1,248 @@
+"""The CLI as a user drives it: the tiny model end to end, metadata, --from, errors, batch resume, the entry point."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from rdbt_cli.cli import app
+
+TINY = ["--model", "tiny", "--size", "64x48", "--steps", "3", "--quiet"]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code != 0, result.output
+    out = result.output.strip()
+    assert "Traceback" not in out
+    assert len(out.splitlines()) == 1, out
+    for n in needles:
+        assert n in out, out
+
+
+def test_help_lists_the_commands_without_importing_torch():
+    code = (
+        "import sys; from typer.testing import CliRunner; from rdbt_cli.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); print(r.output); print('TORCH' if 'torch' in sys.modules else 'NO')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for cmd in ("gen", "batch", "lora-stack", "inspect", "models", "presets", "download", "samplers"):
+        assert cmd in out
+    assert out.strip().endswith("NO")
+
+
+def test_gen_tiny_writes_png_with_three_metadata_kinds_and_inspect_reads_it(tmp_path):
+    out = tmp_path / "a.png"
+    r = run("gen", "1girl, (silver hair:1.2), 夜空", "--seed", 7, "--cfg", 3, "-n", "blurry", "--out", out, *TINY)
+    assert r.exit_code == 0, r.output
+    assert Path(r.output.strip().splitlines()[-1]) == out
+    img = Image.open(out)
+    assert img.size == (64, 48)
+    chunks = img.info
+    assert {"parameters", "rdbt", "prompt", "workflow"} <= set(chunks)
+    rec = json.loads(chunks["rdbt"])
+    assert rec["seed"] == 7 and rec["steps"] == 3 and rec["cfg"] == 3 and rec["prompt"] == "1girl, (silver hair:1.2), 夜空"
+    assert "Seed: 7" in chunks["parameters"] and "Negative prompt: blurry" in chunks["parameters"]
+    graph = json.loads(chunks["prompt"])
+    assert any(node["class_type"] == "KSampler" for node in graph.values())
+
+    r = run("inspect", out, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["source"] == "rdbt" and info["seed"] == 7 and info["width"] == 64 and info["height"] == 48
+
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "1girl" in r.output
+
+
+def test_from_reproduces_the_image_bit_for_bit_and_flags_override(tmp_path):
+    first = tmp_path / "first.png"
+    assert run("gen", "a cat", "--seed", 11, "--out", first, *TINY).exit_code == 0
+    again = tmp_path / "again.png"
+    r = run("gen", "--from", first, "--out", again, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(pixels(first), pixels(again))
+    other = tmp_path / "other.png"
+    assert run("gen", "--from", first, "--seed", 12, "--out", other, "--quiet").exit_code == 0
+    assert not np.array_equal(pixels(first), pixels(other))
+    assert json.loads(Image.open(other).info["rdbt"])["seed"] == 12
+
+
+def test_count_uses_consecutive_seeds_and_never_overwrites(tmp_path):
+    r = run("gen", "a dog", "--seed", 100, "--count", 2, "--out", tmp_path, "--json", *TINY)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert [rec["seed"] for rec in records] == [100, 101]
+    paths = [Path(rec["path"]) for rec in records]
+    assert len(set(paths)) == 2 and all(p.exists() for p in paths)
+    before = paths[0].read_bytes()
+    r = run("gen", "a dog", "--seed", 100, "--out", paths[0], *TINY)
+    assert r.exit_code == 0
+    assert paths[0].read_bytes() == before
+    assert Path(r.output.strip()) != paths[0] and Path(r.output.strip()).exists()
+
+
+def test_same_seed_same_image_and_cfg1_skips_negative(tmp_path):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert run("gen", "tree", "--seed", 5, "--cfg", 1, "-n", "x", "--out", a, *TINY).exit_code == 0
+    assert run("gen", "tree", "--seed", 5, "--cfg", 1, "-n", "completely different", "--out", b, *TINY).exit_code == 0
+    assert np.array_equal(pixels(a), pixels(b))  # at CFG 1 the negative prompt is never evaluated
+    assert run("gen", "tree", "--seed", 5, "--cfg", 4, "-n", "x", "--out", c, *TINY).exit_code == 0
+    assert not np.array_equal(pixels(a), pixels(c))
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--sampler", "nope"], ["nope", "er_sde", "euler"]),
+        (["--scheduler", "nope"], ["nope", "karras"]),
+        (["--size", "100x64"], ["16"]),
+        (["--width", "50"], ["16"]),
+        (["--preset", "no-such-preset"], ["no-such-preset", "rdbt"]),
+        (["--steps", "0"], ["steps"]),
+    ],
+)
+def test_bad_generation_flags_give_one_line(tmp_path, args, needles):
+    r = run("gen", "x", "--model", "tiny", "--out", tmp_path, *args)
+    assert_one_line_error(r, *needles)
+
+
+def test_missing_model_and_unwritable_output_and_missing_lora(tmp_path):
+    r = run("gen", "x", "--model", tmp_path / "nope.safetensors", "--text-encoder", tmp_path / "t.safetensors",
+            "--out", tmp_path)
+    assert_one_line_error(r, "nope.safetensors")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run("gen", "x", "--out", blocker / "sub", *TINY)
+    assert_one_line_error(r, "sub")
+    r = run("gen", "x", "--lora", "no_such_lora:0.5", "--out", tmp_path, *TINY)
+    assert_one_line_error(r, "no_such_lora")
+
+
+def test_bad_preset_file_names_file_and_line(tmp_path):
+    preset = tmp_path / "mine.toml"
+    preset.write_text('sampler = "er_sde"\nsteps = "many"\n')
+    r = run("gen", "x", "--preset", preset, "--out", tmp_path, *TINY)
+    assert_one_line_error(r, "mine.toml", ":2")
+
+
+def test_truncated_checkpoint_is_one_line(tmp_path):
+    from rdbt_cli.tiny import ensure_tiny_models
+
+    paths = ensure_tiny_models()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(Path(paths.dit).read_bytes()[:5000])
+    r = run("gen", "x", "--model", bad, "--text-encoder", paths.text_encoder, "--vae", paths.vae, "--out", tmp_path,
+            "--quiet")
+    assert_one_line_error(r, "cut.safetensors", "truncated")
+
+
+def test_inspect_errors(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"definitely not a png")
+    assert_one_line_error(run("inspect", junk), "junk.png")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert_one_line_error(run("inspect", plain), "plain.png", "metadata")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run("--debug", "gen", "x", "--sampler", "nope", "--model", "tiny", "--out", tmp_path)
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_presets_and_samplers_and_models(tmp_path):
+    r = run("presets")
+    assert r.exit_code == 0 and "kirazuri-fast" in r.output and "turbo" in r.output
+    r = run("presets", "turbo")
+    assert r.exit_code == 0 and "lora" in r.output
+    r = run("samplers")
+    assert "sa_solver_pece" in r.output and "beta" in r.output
+    r = run("models", "--models-dir", tmp_path / "missing")
+    assert_one_line_error(r, "missing")
+
+
+def test_lora_stack_round_trip(tmp_path):
+    loras = tmp_path / "models" / "loras"
+    loras.mkdir(parents=True)
+    (loras / "style_a.safetensors").write_bytes(b"")
+    r = run("lora-stack", "--add", "style_a:0.6", "--models-dir", tmp_path / "models", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == [{"name": "style_a", "weight": 0.6}]
+    r = run("lora-stack", "--set", "style_a:0.3", "--json")
+    assert json.loads(r.output) == [{"name": "style_a", "weight": 0.3}]
+    r = run("lora-stack")
+    assert r.output.strip() == "style_a:0.3"
+    r = run("lora-stack", "--remove", "style_a", "--json")
+    assert json.loads(r.output) == []
+    r = run("lora-stack", "--add", "nothing_like_it", "--models-dir", tmp_path / "models")
+    assert_one_line_error(r, "nothing_like_it")
+
+
+def _batch_pngs(folder):
+    return sorted(p for p in Path(folder).glob("*.png"))
+
+
+def test_batch_reports_bad_lines_and_resumes_without_redoing(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nfirst prompt --seed 3\n\nsecond prompt --count 2\nthird --sampler nope\n")
+    out = tmp_path / "out"
+    r = run("batch", prompts, "--out", out, *TINY)
+    assert r.exit_code == 1, r.output
+    assert "line 5" in r.output and "nope" in r.output
+    made = _batch_pngs(out)
+    assert len(made) == 3
+    stamps = {p: p.stat().st_mtime_ns for p in made}
+    r = run("batch", prompts, "--out", out, *TINY)
+    assert _batch_pngs(out) == made
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in made)
+    assert "3 already done" in r.output
+
+
+def test_installed_entry_point_runs_the_main_job(tmp_path):
+    exe = shutil.which("rdbt")
+    if exe is None:
+        pytest.skip("the rdbt entry point is not on PATH (package not installed)")
+    v = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert v.returncode == 0 and v.stdout.startswith("rdbt ")
+    env = {**os.environ}
+    r = subprocess.run([exe, "gen", "hello", "--out", str(tmp_path), *TINY], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(_batch_pngs(tmp_path)) == 1
+
+
+def test_batch_interrupted_by_kill_resumes_with_nothing_lost_or_made_twice(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one --count 6\ntwo --count 6\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rdbt_cli", "batch", str(prompts), "--out", str(out), *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_batch_pngs(out)) < 2:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    partial = len(_batch_pngs(out))
+    assert 2 <= partial < 12
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    files = _batch_pngs(out)
+    assert len(files) == 12
+    jobs = [json.loads(Image.open(p).info["rdbt"])["batch"]["job"] for p in files]
+    assert len(set(jobs)) == 12
