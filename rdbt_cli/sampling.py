@@ -748,7 +748,7 @@ def sample(
     shift: float = 3.0,
     **options,
 ) -> torch.Tensor:
-    """ComfyUI KSAMPLER.sample from the noise-scaled start x (see prepare_latent): sampler, its noise, x / (1 - sigma_N).
+    """ComfyUI KSAMPLER.sample from the noise-scaled x (prepare_latent): the sampler, its noise, x / (1 - sigma_N).
 
     `shift` must be the one the sigmas were made with: the first-sigma offset and SA-Solver's tau interval use it.
     """

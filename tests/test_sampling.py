@@ -137,7 +137,8 @@ def test_schedule_structure():
     assert float(normal[-2]) == pytest.approx(0.0089285718, abs=1e-9)  # the double shift at the low end
     assert len(sampling.get_sigmas("beta", 138)) == 139 and len(sampling.get_sigmas("beta", 139)) < 140
     assert sampling.get_sigmas("linear_quadratic", 1).tolist() == [1.0, 0.0]
-    assert torch.equal(sampling.get_sigmas("linear_quadratic", 10, shift=5.0), sampling.get_sigmas("linear_quadratic", 10))
+    lq = sampling.get_sigmas("linear_quadratic", 10)
+    assert torch.equal(sampling.get_sigmas("linear_quadratic", 10, shift=5.0), lq)
     assert not torch.equal(sampling.get_sigmas("simple", 10, shift=5.0), sampling.get_sigmas("simple", 10))
     # partial denoise keeps the tail of a longer schedule; <= 0 leaves the latent alone
     assert torch.equal(sampling.get_sigmas("simple", 10, denoise=0.5), sampling.get_sigmas("simple", 20)[-11:])
@@ -442,8 +443,17 @@ def test_cfg_one_skips_uncond_and_equals_cond_only():
     x = sampling.prepare_latent(9, torch.zeros(2, 16, 1, 2, 2), sigmas)
     out = sampling.sample("euler", den, x, sigmas, seed=9)
     assert [n for n, _ in fn.calls] == [2] * 4  # one cond-only call per step, batch B
-    plain = sampling.sample("euler", lambda x, s: x - VelocityModel()(x, s, cond.expand(2, 5, 8)) * s.reshape(-1, 1, 1, 1, 1), x, sigmas, seed=9)
+
+    def cond_only(x, s):
+        return x - VelocityModel()(x, s, cond.expand(2, 5, 8)) * s.reshape(-1, 1, 1, 1, 1)
+
+    plain = sampling.sample("euler", cond_only, x, sigmas, seed=9)
     assert torch.equal(out, plain)
+    # within 1e-9 of 1 ComfyUI still skips the negative but scales: cond * cfg
+    near = sampling.CFGDenoiser(VelocityModel(), cond, torch.zeros(1, 5, 8), 1.0 + 1e-12)
+    sigma = torch.full([2], 0.5)
+    assert torch.equal(near(x, sigma), cond_only(x, sigma) * (1.0 + 1e-12))
+    assert [n for n, _ in near.model_fn.calls] == [2]
     with pytest.raises(ConfigError):
         sampling.CFGDenoiser(fn, cond, None, 4.0)
 
