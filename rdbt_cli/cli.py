@@ -183,7 +183,9 @@ def _resolve_paths(load: LoadParams, model_name: Optional[str]):
     dit = discovery.resolve_component("dit", model_name, dirs)
     te = discovery.resolve_component("te", load.text_encoder, dirs)
     vae = discovery.resolve_component("vae", load.vae, dirs)
-    qwen, t5 = text.find_tokenizers(text_encoder=te, models_dirs=dirs)
+    for path in (dit, te, vae):
+        discovery.read_safetensors_header(path)  # a truncated or pickled file fails here, before anything loads
+    qwen, t5 = text.find_tokenizers(load.qwen_tokenizer, load.t5_tokenizer, text_encoder=te, models_dirs=dirs)
     return ModelPaths(dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen, t5_tokenizer=t5)
 
 
@@ -228,9 +230,9 @@ def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, lo
         "shift": gen.shift,
         "width": gen.width,
         "height": gen.height,
-        "model": _component_record(paths.dit),
-        "text_encoder": _component_record(paths.text_encoder),
-        "vae": _component_record(paths.vae),
+        "model": _component_record(paths.dit) if load.model != "tiny" else {"name": "tiny", "file": "tiny", "hash": None},
+        "text_encoder": _component_record(paths.text_encoder) if load.model != "tiny" else None,
+        "vae": _component_record(paths.vae) if load.model != "tiny" else None,
         "loras": lora_recs,
         "preset": getattr(preset, "name", None),
         "device": engine.device.type,
@@ -327,6 +329,8 @@ def gen(
     model: Annotated[Optional[str], typer.Option(help="DiT: a path, a name in the models folder, or 'tiny'.", rich_help_panel=LOAD)] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)] = None,
     vae: Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)] = None,
+    qwen_tokenizer: Annotated[Optional[str], typer.Option(help="Qwen tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
+    t5_tokenizer: Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder in ComfyUI layout (also $RDBT_MODELS).", rich_help_panel=LOAD)] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.", rich_help_panel=LOAD)] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)] = DType.auto,
@@ -340,8 +344,11 @@ def gen(
     if from_image is not None:
         from rdbt_cli import metadata
 
-        base, recorded_model = _recipe_to_gen(metadata.read_png(from_image)["recipe"])
-        model = model or recorded_model
+        base, recorded = _recipe_to_gen(metadata.read_png(from_image)["recipe"])
+        model = model or recorded["model"]
+        if model != "tiny":
+            text_encoder = text_encoder or recorded["text_encoder"]
+            vae = vae or recorded["vae"]
         if prompt is None:
             prompt = base.prompt
     if prompt is None:
@@ -350,7 +357,7 @@ def gen(
     # A recorded recipe holds its complete LoRA stack, so the persistent stack is not added to it again.
     gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base, tiny=model == "tiny")
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=device.value,
-                      dtype=dtype.value)
+                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer)
     dest = _check_output(out)
     paths = _resolve_paths(load, getattr(preset_obj, "model", None))
     loras = _resolve_loras(gen_p.loras or [], load, paths)
@@ -376,12 +383,17 @@ def gen(
             _emit(path, recipe, as_json, bar)
 
 
-def _recipe_to_gen(recipe: dict) -> tuple[GenParams, Optional[str]]:
+def _recipe_to_gen(recipe: dict) -> tuple[GenParams, dict]:
     fields = {k: recipe.get(k) for k in ("prompt", "negative", "width", "height", "steps", "cfg", "seed", "sampler",
                                          "scheduler", "shift")}
     loras = [LoraSpec(l["name"], float(l.get("weight", 1.0))) for l in recipe.get("loras") or []]
-    model = (recipe.get("model") or {}).get("file") if isinstance(recipe.get("model"), dict) else recipe.get("model")
-    return GenParams(**fields, count=1, loras=loras), model
+    def stem(component):
+        # Recorded by file name; the models folder resolves it again (by stem, so renamed extensions still match).
+        name = component.get("file") if isinstance(component, dict) else component
+        return Path(name).stem if name and name != "tiny" else name
+
+    recorded = {k: stem(recipe.get(k)) for k in ("model", "text_encoder", "vae")}
+    return GenParams(**fields, count=1, loras=loras), recorded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,6 +423,8 @@ def batch(
     model: Annotated[Optional[str], typer.Option(help="DiT: a path, a name, or 'tiny'.", rich_help_panel=LOAD)] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)] = None,
     vae: Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)] = None,
+    qwen_tokenizer: Annotated[Optional[str], typer.Option(help="Qwen tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
+    t5_tokenizer: Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).", rich_help_panel=LOAD)] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.", rich_help_panel=LOAD)] = DType.auto,
@@ -458,7 +472,7 @@ def batch(
         if resolve_device(dev).type == "cuda":
             dev = f"cuda:{local_rank}"
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=dev,
-                      dtype=dtype.value)
+                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer)
     made = 0
     if jobs:
         made = _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet,

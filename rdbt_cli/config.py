@@ -137,6 +137,8 @@ class LoadParams:
     model: str | None = None  # path, name in the models folder, or "tiny"
     text_encoder: str | None = None
     vae: str | None = None
+    qwen_tokenizer: str | None = None
+    t5_tokenizer: str | None = None
     models_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"

@@ -147,7 +147,7 @@ def test_truncated_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(Path(paths.dit).read_bytes()[:5000])
     r = run("gen", "x", "--model", bad, "--text-encoder", paths.text_encoder, "--vae", paths.vae, "--out", tmp_path,
-            "--quiet")
+            "--qwen-tokenizer", paths.qwen_tokenizer, "--t5-tokenizer", paths.t5_tokenizer, "--quiet")
     assert_one_line_error(r, "cut.safetensors", "truncated")
 
 
