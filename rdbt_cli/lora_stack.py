@@ -56,7 +56,7 @@ def load_stack() -> list[LoraSpec]:
 
 
 def save_stack(specs: list[LoraSpec]) -> Path:
-    """Write the stack atomically (a temp file in the same folder, then a rename), so a crash never leaves half a file."""
+    """Write the stack atomically (a temp file in the same folder, then a rename): a crash never leaves half a file."""
     path = stack_path()
     data = {"version": STACK_VERSION,
             "loras": [{"name": s.name, "weight": _check_weight(s.name, s.weight)} for s in specs]}
@@ -72,7 +72,9 @@ def save_stack(specs: list[LoraSpec]) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise LoraError(f"{path}: cannot save the LoRA stack ({exc.strerror}); check that the folder is writable") from None
+        raise LoraError(
+            f"{path}: cannot save the LoRA stack ({exc.strerror}); check that the folder is writable"
+        ) from None
     return path
 
 

@@ -306,7 +306,8 @@ def test_dora_variants(models, tmp_path):
     f = {}
     for i, (key, mag) in enumerate((("dora_scale", m_row), ("dora_scale", m_col), ("lora_magnitude_vector", m_peft))):
         base = f"diffusion_model.blocks.{i % 2}.self_attn.{'qvo'[i]}{'_proj' if i < 2 else 'utput_proj'}"
-        f |= {f"{base}.lora_A.weight": a, f"{base}.lora_B.weight": b, f"{base}.{key}": mag, f"{base}.alpha": torch.tensor(2.0)}
+        f |= {f"{base}.lora_A.weight": a, f"{base}.lora_B.weight": b, f"{base}.{key}": mag,
+              f"{base}.alpha": torch.tensor(2.0)}
     before = params(models["dit"])
     s = 0.6
     apply_loras(models, [(parse_lora_file(write(tmp_path / "d.safetensors", f)), s)])
@@ -513,10 +514,12 @@ def test_unreadable_files_raise_lora_error(tmp_path):
     disguised.write_bytes(pt.read_bytes())
     with pytest.raises(LoraError, match="disguised.safetensors: not a safetensors file"):
         parse_lora_file(disguised)
-    oft = write(tmp_path / "oft.safetensors", {"diffusion_model.blocks.0.self_attn.q_proj.oft_blocks": torch.ones(2, 2, 2)})
+    oft = write(tmp_path / "oft.safetensors",
+                {"diffusion_model.blocks.0.self_attn.q_proj.oft_blocks": torch.ones(2, 2, 2)})
     with pytest.raises(LoraError, match="OFT"):
         parse_lora_file(oft)
-    half = write(tmp_path / "half.safetensors", {"lora_unet_blocks_0_self_attn_q_proj.lora_up.weight": torch.ones(2, 2)})
+    half = write(tmp_path / "half.safetensors",
+                 {"lora_unet_blocks_0_self_attn_q_proj.lora_up.weight": torch.ones(2, 2)})
     with pytest.raises(LoraError, match="incomplete"):
         parse_lora_file(half)
 
