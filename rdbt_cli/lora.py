@@ -421,8 +421,9 @@ def apply_loras(
 ) -> Patch:
     """Merge Σ sᵢ·scaleᵢ·ΔWᵢ of the stack into `targets` ({"dit": dit, "te": te}); undo with `Patch.undo()`.
 
-    Every file is checked against the models before any weight changes: a file none of whose modules fit, or (unless
-    `allow_unmatched`) one with modules that do not fit, raises LoraError.
+    A weight is one strength for every target, or (model, te) like ComfyUI's strength_model / strength_clip (the LLM
+    adapter is part of the model). Every file is checked against the models before any weight changes: a file none of
+    whose modules fit, or (unless `allow_unmatched`) one with modules that do not fit, raises LoraError.
     """
     names = _param_names(targets)
     index = _name_index(names)
@@ -468,6 +469,8 @@ def apply_loras(
         patch.matched[str(lf.path)] = len(fits)
         for target, module, mod in fits:
             s = strength.get(target, strength["*"])
+            if s == 0.0:
+                continue  # W + 0·ΔW is W: skip the work (the file was still checked against the model)
             if mod.kind != "diff" or "diff" in mod.tensors:
                 plan.setdefault((target, f"{module}.weight"), []).append((pos, lf, mod, s))
             if "diff_b" in mod.tensors:

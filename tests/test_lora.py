@@ -358,6 +358,17 @@ def test_switching_stacks_needs_no_reload(models, tmp_path):
         assert torch.equal(v, w), k
 
 
+def test_zero_strength_changes_nothing_but_still_checks_the_file(models, tmp_path):
+    before = params(models["dit"])
+    lf = parse_lora_file(write(tmp_path / "k.safetensors", fmt_kohya()[0]))
+    assert apply_loras(models, [(lf, 0.0)]).n_patched == 0
+    assert all(torch.equal(v, before[k]) for k, v in models["dit"].named_parameters())
+    te_only = parse_lora_file(write(tmp_path / "te.safetensors", fmt_kohya_te()[0]))
+    assert apply_loras(models, [(te_only, (1.0, 0.0))]).n_patched == 0
+    with pytest.raises(LoraError, match="0 of 2 modules match"):
+        apply_loras({"dit": models["dit"]}, [(te_only, 0.0)])
+
+
 def test_stacking_order_does_not_matter_for_additive_kinds(tmp_path):
     files = [parse_lora_file(write(tmp_path / f"{n}.safetensors", FORMATS[n]()[0]))
              for n in ("kohya", "lokr", "loha", "diffusers")]
