@@ -159,7 +159,8 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            up = nn.Upsample(scale_factor=2.0, mode="nearest-exact")  # = pixel repeat for ×2
+            self.resample = nn.Sequential(up, nn.Conv2d(dim, dim // 2, 3, padding=1))
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         if mode == "upsample3d":
@@ -175,36 +176,38 @@ class Resample(nn.Module):
 
 
 class Encoder3d(nn.Module):
-    def __init__(self, dim: int, z_out: int, dim_mult: tuple[int, ...], num_res_blocks: int, temporal: tuple[bool, ...]):
+    def __init__(self, dim: int, z_out: int, dim_mult: tuple[int, ...], num_res: int, temporal: tuple[bool, ...]):
         super().__init__()
         dims = [dim * m for m in (1, *dim_mult)]
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            for _ in range(num_res_blocks):
+            for _ in range(num_res):
                 blocks.append(ResidualBlock(cin, cout))
                 cin = cout
             if i != len(dim_mult) - 1:
                 blocks.append(Resample(cout, "downsample3d" if temporal[i] else "downsample2d"))
         self.downsamples = nn.Sequential(*blocks)
-        self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]), ResidualBlock(dims[-1], dims[-1]))
-        self.head = nn.Sequential(RMS_norm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], z_out, 3, padding=1))
+        c = dims[-1]
+        self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
+        self.head = nn.Sequential(RMS_norm(c), nn.SiLU(), CausalConv3d(c, z_out, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.middle(self.downsamples(self.conv1(x))))
 
 
 class Decoder3d(nn.Module):
-    def __init__(self, dim: int, z_dim: int, dim_mult: tuple[int, ...], num_res_blocks: int, temporal_up: tuple[bool, ...]):
+    def __init__(self, dim: int, z_dim: int, dim_mult: tuple[int, ...], num_res: int, temporal_up: tuple[bool, ...]):
         super().__init__()
         dims = [dim * dim_mult[-1]] + [dim * m for m in reversed(dim_mult)]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0]))
+        c = dims[0]
+        self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
         blocks: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
                 cin //= 2  # the previous stage's upsample halved the channels
-            for _ in range(num_res_blocks + 1):
+            for _ in range(num_res + 1):
                 blocks.append(ResidualBlock(cin, cout))
                 cin = cout
             if i != len(dim_mult) - 1:
@@ -421,7 +424,7 @@ def _not_wan21_reason(keys) -> str | None:
     if _WAN21_MARKER in keys:
         return None
     if any(k.endswith("blocks.0.mlp.layer1.weight") for k in keys):
-        return "this is a diffusion model (DiT), not a VAE; pass it with --model and qwen_image_vae.safetensors with --vae"
+        return "this is a diffusion model (DiT), not a VAE; give it as --model and qwen_image_vae.safetensors as --vae"
     if any(".self_attn.q_norm.weight" in k or k.startswith("model.layers.") for k in keys):
         return "this is a text encoder, not a VAE; pass it with --text-encoder"
     if "decoder.mid_block.resnets.0.norm1.gamma" in keys:
@@ -431,7 +434,9 @@ def _not_wan21_reason(keys) -> str | None:
     return "not a Wan 2.1 / Qwen-Image VAE (no decoder.middle.0.residual.0.gamma); use qwen_image_vae.safetensors"
 
 
-def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> WanVAE:
+def load_vae(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> WanVAE:
     """Load a Wan 2.1 / Qwen-Image VAE file (bare keys or an AIO file's `first_stage_model.`), strictly.
 
     dtype None keeps the file's dtype (bf16 for the release); the VAE computes in its weights' dtype.
