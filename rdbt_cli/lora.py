@@ -305,7 +305,10 @@ class LoraFile:
             from rdbt_cli.discovery import file_hashes
         except ImportError:
             return {}
-        return dict(file_hashes(self.path))
+        try:
+            return dict(file_hashes(self.path))
+        except CheckpointError as exc:
+            raise LoraError(str(exc)) from None
 
 
 def parse_lora_file(path: str | os.PathLike) -> LoraFile:

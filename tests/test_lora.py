@@ -1,3 +1,4 @@
+import hashlib
 import itertools
 import json
 import re
@@ -542,5 +543,6 @@ def test_lora_file_identity(tmp_path):
 
     if hasattr(discovery, "file_hashes"):
         assert {"autov2", "a1111_lora"} <= lf.hashes.keys()
+        assert lf.hashes["autov2"] == hashlib.sha256(lf.path.read_bytes()).hexdigest()[:10]
     else:
         assert lf.hashes == {}
