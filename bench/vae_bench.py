@@ -18,7 +18,7 @@ import time
 import torch
 
 from rdbt_cli.config import VAEParams
-from rdbt_cli.engine_vae import WanVAE
+from rdbt_cli.engine import WanVAE
 
 FULL = VAEParams(base_dim=96)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from rdbt_cli import engine, sampling, text
-from rdbt_cli import engine_vae  # merged into engine.py once the section lands
 from rdbt_cli.config import GenParams
 from rdbt_cli.errors import ConfigError
 
@@ -74,7 +73,7 @@ class Engine:
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
         te = engine.load_text_encoder(paths.text_encoder, device=dev)
         dit = engine.load_dit(paths.dit, device=dev, dtype=dt, keep_fp8=keep_fp8)
-        vae = engine_vae.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
+        vae = engine.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
         eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths)
         eng.timings["load_s"] = time.perf_counter() - t0
         return eng
@@ -146,9 +145,9 @@ def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback
 
     x = sampling.sample(gen.sampler, denoiser, x, sigmas, seed=seed, callback=on_step, shift=gen.shift)
     t_sample = time.perf_counter()
-    z = engine_vae.latent_to_vae(x.float())
+    z = engine.latent_to_vae(x.float())
     img = eng.vae.decode(z)
-    pixels = engine_vae.to_uint8(img)[0]
+    pixels = engine.to_uint8(img)[0]
     t_end = time.perf_counter()
     timings = {
         "text_s": t_text - t0,

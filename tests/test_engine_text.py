@@ -10,7 +10,7 @@ from rdbt_cli.config import TINY_QWEN, QwenParams
 from rdbt_cli.engine import load_into
 from rdbt_cli.engine import QWEN_PREFIXES, Qwen3Encoder, infer_qwen_params, load_text_encoder
 from rdbt_cli.errors import CheckpointError, CheckpointMismatch
-from rdbt_cli.tiny_text import tiny_qwen_state_dict, write_tiny_text_encoder
+from rdbt_cli.tiny import tiny_qwen_state_dict, write_tiny_text_encoder
 
 # head_dim (32) differs from hidden/heads (16), as in Qwen3-0.6B where q_proj is twice the hidden width.
 SMALL = QwenParams(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,

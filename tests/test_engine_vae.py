@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from rdbt_cli.config import TINY_VAE, VAEParams
-from rdbt_cli.engine_vae import (
+from rdbt_cli.engine import (
     WanVAE,
     infer_temporal_downsample,
     infer_vae_params,
@@ -20,7 +20,7 @@ from rdbt_cli.engine_vae import (
     vae_to_latent,
 )
 from rdbt_cli.errors import CheckpointError, CheckpointMismatch
-from rdbt_cli.tiny_vae import tiny_vae_state_dict, write_tiny_vae
+from rdbt_cli.tiny import tiny_vae_state_dict, write_tiny_vae
 from tests.conftest import shared_path
 
 # anima.md §6.4 (the logic of diffusers' convert_anima_to_diffusers.py), written as one table.
@@ -166,7 +166,7 @@ def test_tiled_decode_close_to_untiled(vae):
 
 
 def test_decode_picks_tiling_from_memory(vae, monkeypatch):
-    import rdbt_cli.engine_vae as ev
+    import rdbt_cli.engine as ev
 
     calls = []
     real = WanVAE.decode_tiled

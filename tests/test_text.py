@@ -11,7 +11,7 @@ from conftest import shared_path
 from rdbt_cli.config import TINY_ADAPTER, TINY_QWEN
 from rdbt_cli.errors import TokenizerNotFound
 from rdbt_cli.text import PromptTokenizer, find_tokenizers, parse_weights, qwen_mask
-from rdbt_cli.tiny_text import build_tiny_tokenizers
+from rdbt_cli.tiny import build_tiny_tokenizers
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Weight syntax
