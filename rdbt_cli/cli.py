@@ -723,6 +723,42 @@ def lora_stack_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def bench(
+    model: Annotated[Optional[str], typer.Option(help="'full' (random Anima 2B, no download), 'tiny', or a DiT file.")] = "full",
+    size: Annotated[str, typer.Option(help="WxH.")] = "1024x1024",
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 4,
+    sampler: Annotated[str, typer.Option(help="Sampler.")] = "euler",
+    scheduler: Annotated[str, typer.Option(help="Scheduler.")] = "simple",
+    cfg: Annotated[float, typer.Option(help="CFG scale (1: one forward per step).")] = 1.0,
+    device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.")] = DType.auto,
+    decode: Annotated[bool, typer.Option(help="Include the VAE decode.")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+):
+    """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
+    from rdbt_cli import bench as bench_mod
+    from rdbt_cli.presets import parse_size
+
+    if sampler not in SAMPLER_NAMES:
+        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
+    w, h = parse_size(size)
+    result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
+                           device=device.value, dtype=dtype.value, decode=decode, compile=compile)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key:22} {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # download
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -246,3 +246,19 @@ def test_batch_interrupted_by_kill_resumes_with_nothing_lost_or_made_twice(tmp_p
     assert len(files) == 12
     jobs = [json.loads(Image.open(p).info["rdbt"])["batch"]["job"] for p in files]
     assert len(set(jobs)) == 12
+
+
+def test_bench_runs_on_the_tiny_model():
+    r = run("bench", "--model", "tiny", "--size", "64x64", "--steps", "2", "--cfg", "3", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["steps"] == 2 and out["dit_blocks"] == 2 and out["step_s"] > 0 and out["images_per_min"] > 0
+    assert out["tflop_per_step"] > 0 and out["peak_host_mem_gb"] > 0
+
+
+def test_dit_flop_count_matches_the_roofline_table():
+    from rdbt_cli.bench import ANIMA_2B_DIT, dit_flops
+
+    # landscape.md §4: 3.85 TFLOP at 512², 17.9 at 1024², 51.0 at 1536² per forward.
+    for side, tflop in ((512, 3.85), (1024, 17.9), (1536, 51.0)):
+        assert abs(dit_flops(ANIMA_2B_DIT, (side // 16) ** 2) / 1e12 - tflop) / tflop < 0.01
