@@ -54,7 +54,7 @@ def dit_flops(p: DiTParams, n_tokens: int, n_context: int = 512) -> float:
 
 def random_module(module: torch.nn.Module, device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """Materialise a meta-built module on `device` with small random weights (norms at 1), fast enough for 2B."""
-    module = module.to_empty(device=device)
+    module = module.to(dtype).to_empty(device=device)  # cast on meta first: one allocation, in the target dtype
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -63,7 +63,7 @@ def random_module(module: torch.nn.Module, device, dtype: torch.dtype, seed: int
             else:
                 fan_in = math.prod(p.shape[1:])
                 p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
-    return module.to(dtype).eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
 
 
 def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeat: int = 5) -> float:

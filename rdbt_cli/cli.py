@@ -346,6 +346,8 @@ def gen(
 
         base, recorded = _recipe_to_gen(metadata.read_png(from_image)["recipe"])
         model = model or recorded["model"]
+        if dtype == DType.auto and recorded.get("dtype") in _RECORDED_DTYPES:
+            dtype = DType(_RECORDED_DTYPES[recorded["dtype"]])  # same precision, same image
         if model != "tiny":
             text_encoder = text_encoder or recorded["text_encoder"]
             vae = vae or recorded["vae"]
@@ -383,6 +385,9 @@ def gen(
             _emit(path, recipe, as_json, bar)
 
 
+_RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def _recipe_to_gen(recipe: dict) -> tuple[GenParams, dict]:
     fields = {k: recipe.get(k) for k in ("prompt", "negative", "width", "height", "steps", "cfg", "seed", "sampler",
                                          "scheduler", "shift")}
@@ -393,6 +398,7 @@ def _recipe_to_gen(recipe: dict) -> tuple[GenParams, dict]:
         return Path(name).stem if name and name != "tiny" else name
 
     recorded = {k: stem(recipe.get(k)) for k in ("model", "text_encoder", "vae")}
+    recorded["dtype"] = recipe.get("dtype")
     return GenParams(**fields, count=1, loras=loras), recorded
 
 

@@ -38,13 +38,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU (Linux /proc/cpuinfo; elsewhere assume not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool]:
     """(compute dtype of the DiT and VAE, whether fp8 weights stay fp8 in memory)."""
     if name == "auto":
         if device.type == "cuda":
             return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), True
-        # fp32 on the CPU: the reference numbers, and most CPUs have no fast bf16 matmul.
-        return torch.float32, False
+        # bf16 where the CPU multiplies bf16 natively (2.3x faster DiT steps and 1.9x faster VAE decodes than fp32 on
+        # an AVX512-BF16 EPYC, bench/README.md); elsewhere fp32, which emulated bf16 would only slow down.
+        return (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), False
     if name == "fp8":
         return (torch.bfloat16 if device.type == "cuda" else torch.float32), True
     if name not in DTYPES:
@@ -111,6 +122,7 @@ class Engine:
 @dataclass
 class Result:
     image: "object"  # uint8 numpy [H, W, 3]
+    latent: torch.Tensor  # the sampler's output in VAE space, float32 [1, 16, 1, h, w] (ComfyUI's LATENT)
     seed: int
     index: int
     timings: dict
@@ -156,4 +168,4 @@ def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback
         "decode_s": t_end - t_sample,
         "total_s": t_end - t0,
     }
-    return Result(image=pixels, seed=seed, index=index, timings=timings)
+    return Result(image=pixels, latent=z.cpu(), seed=seed, index=index, timings=timings)
