@@ -104,6 +104,31 @@ GEN = "Generation"
 LOAD = "Models and hardware"
 OUT = "Output"
 
+# Options shared by gen and batch, declared once.
+NegativeOpt = Annotated[Optional[str], typer.Option("-n", "--negative", help="Negative prompt.", rich_help_panel=GEN)]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=GEN)]
+SamplerOpt = Annotated[Optional[str], typer.Option(help=f"One of: {', '.join(SAMPLER_NAMES)}.", rich_help_panel=GEN)]
+SchedulerOpt = Annotated[Optional[str], typer.Option(help=f"One of: {', '.join(SCHEDULER_NAMES)}.", rich_help_panel=GEN)]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Sampling steps.", rich_help_panel=GEN)]
+CfgOpt = Annotated[Optional[float], typer.Option(help="CFG scale; 1 skips the negative prompt (twice as fast).", rich_help_panel=GEN)]
+ShiftOpt = Annotated[Optional[float], typer.Option(help="Flow shift (ModelSamplingAuraFlow), default 3.", rich_help_panel=GEN)]
+SizeOpt = Annotated[Optional[str], typer.Option(help="WxH, multiples of 16, e.g. 832x1216.", rich_help_panel=GEN)]
+WidthOpt = Annotated[Optional[int], typer.Option(help="Width (multiple of 16).", rich_help_panel=GEN)]
+HeightOpt = Annotated[Optional[int], typer.Option(help="Height (multiple of 16).", rich_help_panel=GEN)]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="NAME[:WEIGHT], repeatable; on top of the persistent stack.", rich_help_panel=GEN)]
+NoStackOpt = Annotated[bool, typer.Option("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=GEN)]
+AllowUnmatchedOpt = Annotated[bool, typer.Option("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=GEN)]
+ModelOpt = Annotated[Optional[str], typer.Option(help="DiT: a path, a name in the models folder, or 'tiny'.", rich_help_panel=LOAD)]
+TextEncoderOpt = Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)]
+VaeOpt = Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)]
+QwenTokOpt = Annotated[Optional[str], typer.Option(help="Qwen tokenizer.json (or its folder).", rich_help_panel=LOAD)]
+T5TokOpt = Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its folder).", rich_help_panel=LOAD)]
+ModelsDirOpt = Annotated[Optional[str], typer.Option(help="Models folder in ComfyUI layout (also $RDBT_MODELS).", rich_help_panel=LOAD)]
+DeviceOpt = Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)]
+DTypeOpt = Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
+
 
 def _parse_size(size: Optional[str], width: Optional[int], height: Optional[int]) -> tuple[Optional[int], Optional[int]]:
     from rdbt_cli.presets import parse_size
@@ -310,34 +335,34 @@ def _emit(path: Path, recipe: dict, as_json: bool, bar: "_Progress | None" = Non
 @friendly_errors
 def gen(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt, in ComfyUI weight syntax: (word:1.2).")] = None,
-    negative: Annotated[Optional[str], typer.Option("-n", "--negative", help="Negative prompt.", rich_help_panel=GEN)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=GEN)] = None,
-    sampler: Annotated[Optional[str], typer.Option(help=f"One of: {', '.join(SAMPLER_NAMES)}.", rich_help_panel=GEN)] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help=f"One of: {', '.join(SCHEDULER_NAMES)}.", rich_help_panel=GEN)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampling steps.", rich_help_panel=GEN)] = None,
-    cfg: Annotated[Optional[float], typer.Option(help="CFG scale; 1 skips the negative prompt (twice as fast).", rich_help_panel=GEN)] = None,
-    shift: Annotated[Optional[float], typer.Option(help="Flow shift (ModelSamplingAuraFlow), default 3.", rich_help_panel=GEN)] = None,
+    negative: NegativeOpt = None,
+    preset: PresetOpt = None,
+    sampler: SamplerOpt = None,
+    scheduler: SchedulerOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    shift: ShiftOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (random if absent; always recorded).", rich_help_panel=GEN)] = None,
-    size: Annotated[Optional[str], typer.Option(help="WxH, multiples of 16, e.g. 832x1216.", rich_help_panel=GEN)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Width (multiple of 16).", rich_help_panel=GEN)] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height (multiple of 16).", rich_help_panel=GEN)] = None,
+    size: SizeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
     count: Annotated[Optional[int], typer.Option(help="Images to make, with seeds seed, seed+1, …", rich_help_panel=GEN)] = None,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="NAME[:WEIGHT], repeatable; on top of the persistent stack.", rich_help_panel=GEN)] = None,
-    no_stack: Annotated[bool, typer.Option("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=GEN)] = False,
-    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=GEN)] = False,
+    lora: LoraOpt = None,
+    no_stack: NoStackOpt = False,
+    allow_unmatched: AllowUnmatchedOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-generate from the recipe recorded in a PNG (flags override).", rich_help_panel=GEN)] = None,
-    model: Annotated[Optional[str], typer.Option(help="DiT: a path, a name in the models folder, or 'tiny'.", rich_help_panel=LOAD)] = None,
-    text_encoder: Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)] = None,
-    vae: Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)] = None,
-    qwen_tokenizer: Annotated[Optional[str], typer.Option(help="Qwen tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
-    t5_tokenizer: Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
-    models_dir: Annotated[Optional[str], typer.Option(help="Models folder in ComfyUI layout (also $RDBT_MODELS).", rich_help_panel=LOAD)] = None,
-    device: Annotated[Device, typer.Option(help="auto, cpu or cuda.", rich_help_panel=LOAD)] = Device.auto,
-    dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)] = DType.auto,
+    model: ModelOpt = None,
+    text_encoder: TextEncoderOpt = None,
+    vae: VaeOpt = None,
+    qwen_tokenizer: QwenTokOpt = None,
+    t5_tokenizer: T5TokOpt = None,
+    models_dir: ModelsDirOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)] = False,
+    as_json: JsonOpt = False,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)] = False,
+    quiet: QuietOpt = False,
 ):
     """Generate images from a prompt."""
     base = None
@@ -411,32 +436,32 @@ def _recipe_to_gen(recipe: dict) -> tuple[GenParams, dict]:
 @friendly_errors
 def batch(
     file: Annotated[str, typer.Argument(help="Prompt file: one prompt per line, optional ` --flag value` overrides; - for stdin.")],
-    negative: Annotated[Optional[str], typer.Option("-n", "--negative", help="Negative prompt for every line.", rich_help_panel=GEN)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset for every line (a line's --preset wins).", rich_help_panel=GEN)] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="Sampler.", rich_help_panel=GEN)] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Scheduler.", rich_help_panel=GEN)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Steps.", rich_help_panel=GEN)] = None,
-    cfg: Annotated[Optional[float], typer.Option(help="CFG scale.", rich_help_panel=GEN)] = None,
-    shift: Annotated[Optional[float], typer.Option(help="Flow shift.", rich_help_panel=GEN)] = None,
+    negative: NegativeOpt = None,
+    preset: PresetOpt = None,
+    sampler: SamplerOpt = None,
+    scheduler: SchedulerOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    shift: ShiftOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for every line (default: a fixed seed per line).", rich_help_panel=GEN)] = None,
-    size: Annotated[Optional[str], typer.Option(help="WxH.", rich_help_panel=GEN)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Width.", rich_help_panel=GEN)] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height.", rich_help_panel=GEN)] = None,
+    size: SizeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
     count: Annotated[Optional[int], typer.Option(help="Images per line.", rich_help_panel=GEN)] = None,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="NAME[:WEIGHT], repeatable.", rich_help_panel=GEN)] = None,
-    no_stack: Annotated[bool, typer.Option("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=GEN)] = False,
-    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Apply LoRAs even if some keys do not fit.", rich_help_panel=GEN)] = False,
-    model: Annotated[Optional[str], typer.Option(help="DiT: a path, a name, or 'tiny'.", rich_help_panel=LOAD)] = None,
-    text_encoder: Annotated[Optional[str], typer.Option(help="Qwen3 text encoder file.", rich_help_panel=LOAD)] = None,
-    vae: Annotated[Optional[str], typer.Option(help="VAE file.", rich_help_panel=LOAD)] = None,
-    qwen_tokenizer: Annotated[Optional[str], typer.Option(help="Qwen tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
-    t5_tokenizer: Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its folder).", rich_help_panel=LOAD)] = None,
-    models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).", rich_help_panel=LOAD)] = None,
-    device: Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)] = Device.auto,
-    dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.", rich_help_panel=LOAD)] = DType.auto,
+    lora: LoraOpt = None,
+    no_stack: NoStackOpt = False,
+    allow_unmatched: AllowUnmatchedOpt = False,
+    model: ModelOpt = None,
+    text_encoder: TextEncoderOpt = None,
+    vae: VaeOpt = None,
+    qwen_tokenizer: QwenTokOpt = None,
+    t5_tokenizer: T5TokOpt = None,
+    models_dir: ModelsDirOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Generate every line of a prompt file; run it again to resume where an interrupted run stopped.
 

@@ -440,6 +440,13 @@ class FinalLayer(nn.Module):
         self.linear = Linear(D, p.patch_spatial**2 * p.patch_temporal * p.out_channels, bias=False)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
 class AnimaDiT(nn.Module):
     """Anima's Cosmos-Predict2 DiT with its LLM adapter (`llm_adapter`); attribute names are the released keys.
 
@@ -506,47 +513,41 @@ class AnimaDiT(nn.Module):
         return out
 
     def prepare_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per block (k, v) [B, H, S, D] of the cross-attention; cached, so a sampler's steps project it once."""
-        device = self.x_embedder.proj[1].weight.device
-        context = context.to(device, self.compute_dtype)
+        """Per block (k, v) [B, H, S, D] of the cross-attention; cached, so a sampler's steps project it once.
+
+        A hit costs no device synchronisation when the caller passes the same context tensor each step (the
+        pipeline and CFGDenoiser do); another tensor is compared by value. Weight changes are seen through the
+        tensors' identity and version counters (a LoRA merge or undo swaps the tensors); after an in-place edit of
+        inference-mode weights, which carry no version counter, call clear_caches().
+        """
         stamp = self._weights_stamp()
-        for i, (ctx, st, kv) in enumerate(self._kv_cache):
-            same_context = ctx.shape == context.shape and ctx.device == context.device and torch.equal(ctx, context)
-            if same_context and self._same_stamp(st, stamp):
-                self._kv_cache.insert(0, self._kv_cache.pop(i))
+        for source, version, _, st, kv in self._kv_cache:
+            if st == stamp and source is context and version == _version(context):
                 return kv
-        kv = [block.cross_attn.key_value(context) for block in self.blocks]
-        # Two entries: cond and uncond (or a batched pair), as a CFG sampler alternates between them.
-        self._kv_cache.insert(0, (context.clone(), stamp, kv))
+        device = self.x_embedder.proj[1].weight.device
+        converted = context.to(device, self.compute_dtype)
+        for i, (_, _, ctx, st, kv) in enumerate(self._kv_cache):
+            if st == stamp and ctx.shape == converted.shape and ctx.device == converted.device:
+                if torch.equal(ctx, converted):
+                    self._kv_cache[i] = (context, _version(context), ctx, st, kv)
+                    return kv
+        kv = [block.cross_attn.key_value(converted) for block in self.blocks]
+        # Two entries: cond and uncond (or a batched pair), as a CFG sampler alternates between them. The converted
+        # context is a copy when `context` may change in place later, so the value check stays meaningful.
+        kept = converted.clone() if converted is context else converted
+        self._kv_cache.insert(0, (context, _version(context), kept, stamp, kv))
         del self._kv_cache[2:]
         return kv
 
-    def _weights_stamp(self) -> list:
-        # Detects LoRA patches or reloads of the k/v weights since K/V were cached: storage, version counter and a
-        # sample of the values (inference tensors, e.g. weights loaded under inference_mode, have no version counter).
+    def _weights_stamp(self) -> tuple:
+        # Host-side facts only (no device reads): which tensors hold the k/v weights and their version counters.
         out = []
         for block in self.blocks:
             for layer in (block.cross_attn.k_proj, block.cross_attn.v_proj, block.cross_attn.k_norm):
-                w = layer.weight.detach()
-                try:
-                    version = w._version
-                except RuntimeError:
-                    version = None
-                flat = w.reshape(-1)
-                sample = flat[:: max(1, flat.numel() // 256)].contiguous().view(torch.uint8)
+                w = layer.weight
                 scale = getattr(layer, "weight_scale", None)
-                scale = None if scale is None else scale.detach().reshape(-1).float()
-                out.append((w.data_ptr(), version, sample, scale))
-        return out
-
-    @staticmethod
-    def _same_stamp(a: list, b: list) -> bool:
-        def same(u, v):
-            return (u is None) == (v is None) and (u is None or (u.shape == v.shape and torch.equal(u, v)))
-
-        return len(a) == len(b) and all(
-            x[:2] == y[:2] and same(x[2], y[2]) and same(x[3], y[3]) for x, y in zip(a, b)
-        )
+                out.append((w.data_ptr(), _version(w), None if scale is None else (scale.data_ptr(), _version(scale))))
+        return tuple(out)
 
     def _rope(self, T: int, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (T, H, W, str(device))

@@ -97,6 +97,7 @@ class Engine:
             self.patch.undo()
             self.patch = None
         self._contexts.clear()  # a LoRA on the adapter or the text encoder changes every context
+        self.dit.clear_caches()
         if loras:
             files = [(lora.parse_lora_file(p), w) for p, w in loras]
             self.patch = lora.apply_loras(

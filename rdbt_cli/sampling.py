@@ -782,6 +782,7 @@ class CFGDenoiser:
         self.uncond = uncond
         self.cfg = float(cfg)
         self.skip_uncond = math.isclose(self.cfg, 1.0)
+        self._batched = None
         if not self.skip_uncond and uncond is None:
             raise ConfigError(f"CFG {cfg} needs a negative conditioning (only CFG 1 runs without one)")
 
@@ -807,6 +808,9 @@ class CFGDenoiser:
             )
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
-        d = self._denoised(x_in, sigma_in, self.model_fn(x_in, sigma_in, torch.cat([uncond, cond])))
+        if self._batched is None or self._batched[0] != b:
+            # Built once, so the model sees the same context tensor every step and can keep its K/V.
+            self._batched = (b, torch.cat([uncond, cond]))
+        d = self._denoised(x_in, sigma_in, self.model_fn(x_in, sigma_in, self._batched[1]))
         d_uncond, d_cond = d[:b], d[b:]
         return d_uncond + (d_cond - d_uncond) * self.cfg

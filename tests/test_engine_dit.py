@@ -358,16 +358,21 @@ def test_context_cache_is_transparent(tiny_file):
         assert not torch.equal(patched, changed) and torch.equal(patched, fresh())
 
 
-def test_context_cache_sees_patches_of_inference_tensors(tiny_file):
+def test_context_cache_sees_replaced_inference_weights(tiny_file):
     # The pipeline loads and samples under inference_mode, where tensors carry no version counter.
     with torch.inference_mode():
         model = load_dit(tiny_file, dtype=torch.float32)
         x, t, ctx = _inputs()
         before = model(x, t, ctx)
-        model.blocks[1].cross_attn.k_proj.weight.add_(0.5)
+        k = model.blocks[1].cross_attn.k_proj
+        k.weight.data = k.weight + 0.5  # replaced, as a LoRA merge does: seen without help
         after = model(x, t, ctx)
+        assert not torch.equal(before, after)
         model.clear_caches()
-        assert not torch.equal(before, after) and torch.equal(after, model(x, t, ctx))
+        assert torch.equal(after, model(x, t, ctx))
+        k.weight.add_(0.5)  # in place on an inference tensor: no version counter, so the contract is clear_caches()
+        model.clear_caches()
+        assert not torch.equal(after, model(x, t, ctx))
 
 
 # ----------------------------------------------------------------------------------------------------------------
