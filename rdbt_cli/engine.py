@@ -65,11 +65,20 @@ _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _QUANT_EXTRA_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
 
 
-def read_checkpoint(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a .safetensors file memory-mapped; strip the most common of `prefixes`; drop recomputed buffers.
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-    Returns (state dict, __metadata__). The tensors stay backed by the file until they are cast or moved.
+
+def read_checkpoint(
+    path: str | os.PathLike, prefixes: tuple[str, ...] = (), cast: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a .safetensors file; strip the most common of `prefixes`; drop recomputed buffers.
+
+    Returns (state dict, __metadata__). Tensors kept in their stored dtype stay memory-mapped (no copy). Floating
+    tensors that must become `cast` are read one at a time and converted, so host memory peaks at the converted
+    weights plus one tensor, not at both full copies (a bf16 file loaded as fp32: 2x the file, not 3x).
     """
+    import struct
+
     from safetensors import safe_open
 
     path = Path(path)
@@ -77,11 +86,26 @@ def read_checkpoint(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> 
     prefix = strip_prefix(header.keys(), prefixes) if prefixes else ""
     sd: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f, open(path, "rb") as raw:
+            data_start = 8 + struct.unpack("<Q", raw.read(8))[0]
+            scratch = torch.empty(0, dtype=torch.uint8)  # one reusable read buffer for the tensors being cast
             for key in f.keys():
                 if not key.startswith(prefix) or is_ignored_key(key):
                     continue
-                sd[key[len(prefix) :]] = f.get_tensor(key)
+                entry = header[key]
+                stored = _FLOAT_DTYPES.get(entry["dtype"])
+                side_tensor = key.endswith(_SCALE_SUFFIXES + _QUANT_EXTRA_SUFFIXES) or key.endswith("scaled_fp8")
+                if cast is None or stored is None or stored == cast or side_tensor:
+                    sd[key[len(prefix) :]] = f.get_tensor(key)
+                    continue
+                begin, end = entry["data_offsets"]
+                if scratch.numel() < end - begin:
+                    scratch = torch.empty(end - begin, dtype=torch.uint8)
+                raw.seek(data_start + begin)
+                view = scratch[: end - begin]
+                if raw.readinto(memoryview(view.numpy())) != end - begin:
+                    raise CheckpointError(f"{path}: file ended inside tensor {key!r}; download it again")
+                sd[key[len(prefix) :]] = view.view(stored).reshape(entry["shape"]).to(cast)
     except Exception as exc:  # safetensors raises its own types for damaged files
         raise CheckpointError(f"{path}: could not read tensors ({exc}); download the file again") from None
     return sd, meta
@@ -689,7 +713,7 @@ def load_dit(
     fp8 linear weights (plain, or ComfyUI scaled) stay fp8 and are upcast per call unless keep_fp8 is false;
     timestep-embedding and AdaLN weights are always dequantised at load.
     """
-    sd, _meta = read_checkpoint(path, DIT_PREFIXES)
+    sd, _meta = read_checkpoint(path, DIT_PREFIXES, cast=None if dtype in FP8_DTYPES else dtype)
     dit_params, adapter_params = infer_dit_params(sd, path)
     with torch.device("meta"):
         model = AnimaDiT(dit_params, adapter_params)
@@ -1326,7 +1350,7 @@ def load_vae(
     reason = _not_wan21_reason(k[len(prefix) :] for k in header if k.startswith(prefix))
     if reason:
         raise CheckpointError(f"{path}: {reason}")
-    sd, _ = read_checkpoint(path, VAE_PREFIXES)
+    sd, _ = read_checkpoint(path, VAE_PREFIXES, cast=dtype)
     params = infer_vae_params(sd, str(path))
     with torch.device("meta"):
         vae = WanVAE(params, infer_temporal_downsample(sd))

@@ -430,3 +430,13 @@ def test_half_precision_compute_stays_close_to_fp32(tiny_file, tiny32, dtype, to
         ref, out = tiny32(x, t, ctx), model(x, t, ctx)
     assert out.dtype == torch.float32
     assert ((out - ref).norm() / ref.norm()) < tol
+
+
+def test_cast_while_reading_equals_cast_after_reading(tiny_file):
+    from rdbt_cli.engine import DIT_PREFIXES, read_checkpoint
+
+    mapped, _ = read_checkpoint(tiny_file, DIT_PREFIXES)
+    cast, _ = read_checkpoint(tiny_file, DIT_PREFIXES, cast=torch.float32)
+    assert mapped.keys() == cast.keys()
+    for k in mapped:
+        assert cast[k].dtype == torch.float32 and torch.equal(cast[k], mapped[k].float()), k
