@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -318,8 +319,21 @@ class _Progress:
             self.progress.advance(self.overall)
 
 
-def _emit(path: Path, recipe: dict, as_json: bool, bar: "_Progress | None" = None):
-    line = json.dumps({"path": str(path), **recipe}, ensure_ascii=False) if as_json else str(path)
+_T_START = time.perf_counter()  # taken at import, i.e. right after the interpreter started rdbt
+
+
+def _timings(result, eng, first: bool) -> dict:
+    t = {k: round(v, 4) for k, v in result.timings.items()}
+    if first:
+        t["load_s"] = round(eng.timings["load_s"], 4)
+        t["start_to_first_step_s"] = round(result.timings["first_step_at"] - _T_START, 4)
+    t.pop("first_step_at", None)
+    return t
+
+
+def _emit(path: Path, recipe: dict, as_json: bool, bar: "_Progress | None" = None, timings: dict | None = None):
+    record = {"path": str(path), **recipe, **({"timings": timings} if timings else {})}
+    line = json.dumps(record, ensure_ascii=False) if as_json else str(path)
     if bar is not None and bar.live and sys.stdout.isatty():
         bar.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # above the live bar
     else:
@@ -407,7 +421,7 @@ def gen(
             path = metadata.save_png(result.image, dest if n == 1 or dest.suffix.lower() != ".png" else dest,
                                      None if no_metadata else recipe, metadata=not no_metadata, stem=f"rdbt-{s}")
             bar.image_done()
-            _emit(path, recipe, as_json, bar)
+            _emit(path, recipe, as_json, bar, _timings(result, eng, i == 0))
 
 
 _RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -551,7 +565,7 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
             manifest.add(job, Path(path).name, s)
             made += 1
             bar.image_done()
-            _emit(path, recipe, as_json, bar)
+            _emit(path, recipe, as_json, bar, _timings(result, eng, made == 1))
     return made
 
 

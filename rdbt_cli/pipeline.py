@@ -168,5 +168,6 @@ def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback
         "sample_s": t_sample - t_text,
         "decode_s": t_end - t_sample,
         "total_s": t_end - t0,
+        "first_step_at": first_step.get("t", t_sample),  # perf_counter() when the first step finished
     }
     return Result(image=pixels, latent=z.cpu(), seed=seed, index=index, timings=timings)
