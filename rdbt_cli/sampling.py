@@ -803,9 +803,11 @@ class CFGDenoiser:
             return d_cond * self.cfg if self.cfg != 1.0 else d_cond
         uncond = self._expand(self.uncond, b)
         if cond.shape[1:] != uncond.shape[1:]:
-            raise ConfigError(
-                f"positive and negative conditioning differ in shape ({tuple(cond.shape)} vs {tuple(uncond.shape)})"
-            )
+            # A prompt past 512 T5 tokens is not padded, so the two contexts cannot share a batch: ComfyUI then runs
+            # them one after the other, uncond first.
+            d_uncond = self._denoised(x, sigma, self.model_fn(x, sigma, uncond))
+            d_cond = self._denoised(x, sigma, self.model_fn(x, sigma, cond))
+            return d_uncond + (d_cond - d_uncond) * self.cfg
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         if self._batched is None or self._batched[0] != b:

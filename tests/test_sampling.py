@@ -467,3 +467,20 @@ def test_cfg_denoiser_reproduces_the_reference_run(ref):
     out = sampling.sample("er_sde", den, x, sigmas, seed=42).flatten()
     assert len(fn.calls) == 30 and all(n == 2 for n, _ in fn.calls)
     assert np.abs(out[:4].double().numpy() - np.array(want["first4"])).max() <= 1e-5
+
+
+def test_cfg_runs_contexts_of_different_lengths_one_after_the_other():
+    # A prompt longer than 512 T5 tokens gives a longer context than the negative: no shared batch (ComfyUI splits).
+    calls = []
+
+    def model_fn(x, sigma, context):
+        calls.append(context.shape[1])
+        return x * context.mean()
+
+    cond, uncond = torch.full((1, 600, 4), 2.0), torch.full((1, 512, 4), 0.5)
+    den = sampling.CFGDenoiser(model_fn, cond, uncond, 3.0)
+    x, sigma = torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5])
+    out = den(x, sigma)
+    assert calls == [512, 600]
+    d_u, d_c = x - 0.5 * x * 0.5, x - 0.5 * x * 2.0
+    assert torch.allclose(out, d_u + (d_c - d_u) * 3.0)
