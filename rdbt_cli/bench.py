@@ -114,6 +114,7 @@ def run(
     dtype: str = "auto",
     decode: bool = True,
     compile: bool = False,
+    low_vram: bool = False,
     seed: int = 0,
 ) -> dict:
     """Build or load the DiT (and VAE), sample `steps` steps, decode; return the measured figures."""
@@ -178,7 +179,7 @@ def run(
         decode_s = 0.0
         if vae is not None:
             t_dec = time.perf_counter()
-            vae.decode(engine.latent_to_vae(out))
+            vae.decode(engine.latent_to_vae(out), tiled=True if low_vram else None)
             _sync(dev)
             decode_s = time.perf_counter() - t_dec
     step_times = [b - a for a, b in zip([t_start] + stamps[:-1], stamps)]
@@ -214,4 +215,5 @@ def run(
         "peak_host_mem_gb": round(host_peak_bytes() / 2**30, 3),
         "host_mem_for_load_gb": round((host_after_load - host0) / 2**30, 3),
         "compile": compile,
+        "low_vram": low_vram,
     }

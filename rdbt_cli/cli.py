@@ -127,6 +127,7 @@ T5TokOpt = Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its
 ModelsDirOpt = Annotated[Optional[str], typer.Option(help="Models folder in ComfyUI layout (also $RDBT_MODELS).", rich_help_panel=LOAD)]
 DeviceOpt = Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)]
 DTypeOpt = Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)]
+LowVramOpt = Annotated[bool, typer.Option("--low-vram", help="Text encoder on the CPU and tiled VAE decode, for small GPUs.", rich_help_panel=LOAD)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
 
@@ -373,6 +374,7 @@ def gen(
     models_dir: ModelsDirOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
+    low_vram: LowVramOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT)] = None,
     as_json: JsonOpt = False,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
@@ -398,7 +400,7 @@ def gen(
     # A recorded recipe holds its complete LoRA stack, so the persistent stack is not added to it again.
     gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base, tiny=model == "tiny")
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=device.value,
-                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer)
+                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram)
     dest = _check_output(out)
     paths = _resolve_paths(load, getattr(preset_obj, "model", None))
     loras = _resolve_loras(gen_p.loras or [], load, paths)
@@ -407,7 +409,7 @@ def gen(
     from rdbt_cli import metadata
     from rdbt_cli.pipeline import Engine, generate
 
-    eng = Engine.load(paths, device=load.device, dtype=load.dtype)
+    eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram)
     patch = eng.set_loras([(p, w) for p, w, _ in loras], allow_unmatched=allow_unmatched)
     for warning in getattr(patch, "warnings", []) or []:
         typer.echo(f"warning: {warning}", err=True)
@@ -473,6 +475,7 @@ def batch(
     models_dir: ModelsDirOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
+    low_vram: LowVramOpt = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT)] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -517,7 +520,7 @@ def batch(
         if resolve_device(dev).type == "cuda":
             dev = f"cuda:{local_rank}"
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=dev,
-                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer)
+                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram)
     made = 0
     if jobs:
         made = _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet,
@@ -532,7 +535,7 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
 
     first_preset = resolved[jobs[0].lineno][1] or (preset and _resolve_gen(GenParams(), preset, True)[1])
     paths = _resolve_paths(load, getattr(first_preset, "model", None))
-    eng = Engine.load(paths, device=load.device, dtype=load.dtype)
+    eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram)
     made, current_stack = 0, None
     with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
         for job in jobs:
@@ -785,6 +788,7 @@ def bench(
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.")] = DType.auto,
     decode: Annotated[bool, typer.Option(help="Include the VAE decode.")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
+    low_vram: Annotated[bool, typer.Option("--low-vram", help="Tiled VAE decode, as gen --low-vram.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ):
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
@@ -795,7 +799,8 @@ def bench(
         raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
     w, h = parse_size(size)
     result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
-                           device=device.value, dtype=dtype.value, decode=decode, compile=compile)
+                           device=device.value, dtype=dtype.value, decode=decode, compile=compile,
+                           low_vram=low_vram)
     if as_json:
         typer.echo(json.dumps(result))
         return

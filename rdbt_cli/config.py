@@ -142,6 +142,7 @@ class LoadParams:
     models_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    low_vram: bool = False
 
 
 # Anima's defaults (the official template: er_sde, simple, 30 steps, CFG 4, shift 3, 1024²).

@@ -53,8 +53,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool]:
     if name == "auto":
         if device.type == "cuda":
             return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), True
-        # bf16 where the CPU multiplies bf16 natively (2.3x faster DiT steps and 1.9x faster VAE decodes than fp32 on
-        # an AVX512-BF16 EPYC, bench/README.md); elsewhere fp32, which emulated bf16 would only slow down.
+        # bf16 where the CPU multiplies bf16 natively (DiT steps and VAE decodes about 2x faster than fp32 on an
+        # AVX512-BF16 EPYC, bench/README.md); elsewhere fp32, which emulated bf16 would only slow down.
         return (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), False
     if name == "fp8":
         return (torch.bfloat16 if device.type == "cuda" else torch.float32), True
@@ -72,20 +72,26 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     paths: ModelPaths
+    low_vram: bool = False
     timings: dict = field(default_factory=dict)
     patch: object = None
     _contexts: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto") -> "Engine":
+    def load(
+        cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False
+    ) -> "Engine":
+        """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt) and
+        the VAE always decodes in tiles, so the device holds only the DiT and one tile's activations."""
         dev = resolve_device(device)
         dt, keep_fp8 = resolve_dtype(dtype, dev)
         t0 = time.perf_counter()
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
-        te = engine.load_text_encoder(paths.text_encoder, device=dev)
+        te = engine.load_text_encoder(paths.text_encoder, device="cpu" if low_vram else dev)
         dit = engine.load_dit(paths.dit, device=dev, dtype=dt, keep_fp8=keep_fp8)
         vae = engine.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
-        eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths)
+        eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths,
+                  low_vram=low_vram)
         eng.timings["load_s"] = time.perf_counter() - t0
         return eng
 
@@ -110,10 +116,11 @@ class Engine:
         """Prompt → padded cross-attention context [1, S, D]; cached, so each prompt is encoded once per process."""
         if prompt not in self._contexts:
             tp = self.tokenizer.tokenize(prompt)
-            ids = torch.tensor([tp.qwen_ids], device=self.device)
+            te_device = self.text_encoder.embed_tokens.weight.device
+            ids = torch.tensor([tp.qwen_ids], device=te_device)
             # ComfyUI masks <|endoftext|> tokens that lead or trail the real text; a no-op for ordinary prompts.
-            mask = torch.tensor([tp.qwen_mask], device=self.device) if tp.qwen_mask else None
-            hidden = self.text_encoder(ids, mask)
+            mask = torch.tensor([tp.qwen_mask], device=te_device) if tp.qwen_mask else None
+            hidden = self.text_encoder(ids, mask).to(self.device)
             t5 = torch.tensor([tp.t5_ids], device=self.device)
             w = torch.tensor([tp.t5_weights], device=self.device, dtype=torch.float32)
             self._contexts[prompt] = self.dit.encode_context(hidden, t5, w)
@@ -159,7 +166,7 @@ def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback
     x = sampling.sample(gen.sampler, denoiser, x, sigmas, seed=seed, callback=on_step, shift=gen.shift)
     t_sample = time.perf_counter()
     z = engine.latent_to_vae(x.float())
-    img = eng.vae.decode(z)
+    img = eng.vae.decode(z, tiled=True if eng.low_vram else None)
     pixels = engine.to_uint8(img)[0]
     t_end = time.perf_counter()
     timings = {

@@ -262,3 +262,21 @@ def test_dit_flop_count_matches_the_roofline_table():
     # landscape.md §4: 3.85 TFLOP at 512², 17.9 at 1024², 51.0 at 1536² per forward.
     for side, tflop in ((512, 3.85), (1024, 17.9), (1536, 51.0)):
         assert abs(dit_flops(ANIMA_2B_DIT, (side // 16) ** 2) / 1e12 - tflop) / tflop < 0.01
+
+
+def test_low_vram_mode_tiles_the_decode_without_changing_the_picture(tmp_path):
+    # 576 px wide = 72 latent cells: more than one 64-cell VAE tile, so the tiled decode really tiles.
+    args = ["gen", "a wide landscape", "--model", "tiny", "--size", "576x64", "--steps", "2", "--seed", "3",
+            "--dtype", "fp32", "--quiet", "--json"]
+    plain = json.loads(run(*args, "--out", tmp_path / "plain.png").output)
+    low = json.loads(run(*args, "--low-vram", "--out", tmp_path / "low.png").output)
+    a, b = pixels(plain["path"]).astype(int), pixels(low["path"]).astype(int)
+    assert a.shape == b.shape == (64, 576, 3)
+    assert 0 < np.abs(a - b).mean() < 4  # tiles differ at the seams by a few levels at most, not a different image
+
+
+def test_prompt_longer_than_512_t5_tokens_with_cfg(tmp_path):
+    prompt = ", ".join(f"tag{i} detail{i}" for i in range(300))  # far past 512 T5 tokens: the context is not cut
+    r = run("gen", prompt, "--cfg", "3", "-n", "blurry", "--seed", 1, "--out", tmp_path / "long.png", *TINY)
+    assert r.exit_code == 0, r.output
+    assert json.loads(Image.open(tmp_path / "long.png").info["rdbt"])["prompt"] == prompt
