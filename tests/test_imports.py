@@ -1,0 +1,58 @@
+"""One-way imports (STYLE.md §2): each module may import only the rdbt modules of the layers below it, and the modules
+behind `--help`, `inspect`, `models`, `presets` and `lora-stack` never import torch."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "rdbt_cli"
+
+ALLOWED = {
+    "config": set(),
+    "errors": set(),
+    "discovery": {"config", "errors"},
+    "sampling": {"errors"},
+    "lora": {"errors", "config", "discovery"},
+    "lora_stack": {"config", "errors", "discovery"},
+    "text": {"config", "errors"},
+    "presets": {"config", "errors"},
+    "metadata": {"config", "errors"},
+    "engine": {"config", "discovery", "errors"},
+    "batch": {"config", "errors", "presets"},
+    "pipeline": {"config", "engine", "errors", "sampling", "text", "lora"},
+    "tiny": {"config", "engine", "text", "pipeline"},
+    "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
+}
+TORCH_FREE = ["config", "errors", "discovery", "lora_stack", "text", "presets", "metadata", "batch", "cli"]
+
+
+def _rdbt_imports(module: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse((PKG / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "rdbt_cli":
+            found |= {a.name for a in node.names if a.name != "__version__"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rdbt_cli."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("rdbt_cli.")}
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_imports_go_one_way(module):
+    extra = _rdbt_imports(module) - ALLOWED[module]
+    assert not extra, f"rdbt_cli.{module} imports {sorted(extra)}, which sit above it"
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__", "cli"}
+    assert modules <= set(ALLOWED), modules - set(ALLOWED)
+
+
+def test_light_modules_do_not_import_torch():
+    code = f"import sys\nfor m in {TORCH_FREE!r}: __import__('rdbt_cli.' + m)\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
