@@ -216,23 +216,26 @@ def _resolve_paths(load: LoadParams, model_name: Optional[str]):
     return ModelPaths(dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen, t5_tokenizer=t5)
 
 
+def _lora_dirs(models_dir: Optional[str], extra: tuple[Path, ...] = ()) -> list[Path]:
+    candidates = [*extra, *(d / sub for d in _models_dirs(models_dir) for sub in ("loras", "Lora", "LyCORIS"))]
+    return [d for d in candidates if d.is_dir()]
+
+
 def _resolve_loras(specs: list[LoraSpec], load: LoadParams, paths) -> list[tuple[Path, float, LoraSpec]]:
-    from rdbt_cli import discovery, lora_stack
+    from rdbt_cli import lora_stack
 
-    dirs = [Path(paths.dit).parent.parent / "loras"] + [d / "loras" for d in _models_dirs(load.models_dir)]
-    dirs += [d / "Lora" for d in _models_dirs(load.models_dir)]
-    return [(lora_stack.resolve_lora_name(s.name, [d for d in dirs if d.is_dir()]), s.weight, s) for s in specs]
+    # The loras/ folder beside the model's own folder first (ComfyUI layout), then the models folders'.
+    dirs = _lora_dirs(load.models_dir, (Path(paths.dit).parent.parent / "loras",))
+    return [(lora_stack.resolve_lora_name(s.name, dirs), s.weight, s) for s in specs]
 
 
-def _component_record(path: Path, hashes: bool = True) -> dict:
+def _component_record(path: Path) -> dict:
     from rdbt_cli import discovery
 
-    h = None
-    if hashes:
-        try:
-            h = discovery.file_hashes(path).get("autov2")
-        except OSError:
-            h = None
+    try:
+        h = discovery.file_hashes(path).get("autov2")  # hashed once per file version, then cached
+    except OSError:
+        h = None
     return {"name": Path(path).stem, "file": Path(path).name, "hash": h}
 
 
@@ -749,9 +752,8 @@ def lora_stack_cmd(
         lora_stack.clear()
     for item in add or []:
         spec = parse_lora_arg(item)
-        lora_dirs = [d / sub for d in _models_dirs(models_dir) for sub in ("loras", "Lora") if (d / sub).is_dir()]
         if not Path(spec.name).exists():
-            lora_stack.resolve_lora_name(spec.name, lora_dirs)  # fail now, not at the next gen
+            lora_stack.resolve_lora_name(spec.name, _lora_dirs(models_dir))  # fail now, not at the next gen
         lora_stack.add(spec)
     for item in set_ or []:
         spec = parse_lora_arg(item)
@@ -822,9 +824,8 @@ def download(
     """Fetch the official Anima files and tokenizers from Hugging Face (resumable)."""
     from rdbt_cli import discovery
 
-    target = models_dir or os.environ.get("RDBT_MODELS", "").split(os.pathsep)[0] or None
-    if not target:
-        raise ConfigError("say where to put the files: rdbt download --models-dir DIR (or set RDBT_MODELS)")
+    # Default: rdbt's own models folder, which model discovery searches too.
+    target = models_dir or os.environ.get("RDBT_MODELS", "").split(os.pathsep)[0] or discovery.default_models_dir()
     comps = tuple(only) if only else ("dit", "te", "vae", "tokenizers")
     for path in discovery.download_official(Path(target), comps):
         typer.echo(str(path))
