@@ -667,28 +667,34 @@ def models(
         )
     items = discovery.inventory(dirs)
     if as_json:
-        typer.echo(json.dumps([_info_dict(i) for i in items], ensure_ascii=False, indent=1))
+        typer.echo(json.dumps([_info_dict(i, dirs) for i in items], ensure_ascii=False, indent=1))
         return
     from rich.table import Table
     from rich.console import Console
 
     table = Table("kind", "file", "size", "hash", "details", title=" · ".join(str(d) for d in dirs))
     for i in items:
-        d = _info_dict(i)
-        table.add_row(d["kind"], d["path"], f"{d['size'] / 2**20:,.1f} MiB", d.get("hash") or "", d.get("details") or "")
+        d = _info_dict(i, dirs)
+        table.add_row(d["kind"], d["file"], f"{d['size'] / 2**20:,.1f} MiB", d["hash"] or "", d["details"])
     Console().print(table)
 
 
-def _info_dict(info) -> dict:
+_DETAIL_KEYS = ("blocks", "width", "layers", "base_dim", "format", "algo", "rank", "targets", "quant", "dtype", "error")
+
+
+def _info_dict(info, dirs=()) -> dict:
     d = info if isinstance(info, dict) else dict(vars(info))
     path = Path(d["path"])
+    rel = next((path.relative_to(root) for root in dirs if root in path.parents), path)
     details = d.get("details") or {}
+    shown = {k: details[k] for k in _DETAIL_KEYS if details.get(k) not in (None, "")}
     return {
         "kind": d.get("kind"),
         "path": str(path),
+        "file": str(rel),
         "size": d.get("size") if d.get("size") is not None else (path.stat().st_size if path.exists() else 0),
         "hash": d.get("hash") or d.get("short_hash"),
-        "details": ", ".join(f"{k}={v}" for k, v in details.items()) if isinstance(details, dict) else str(details),
+        "details": ", ".join(f"{k} {v}" for k, v in shown.items()),
     }
 
 

@@ -299,3 +299,18 @@ def test_download_defaults_to_rdbts_own_models_folder(monkeypatch):
     got = [Path(line) for line in r.output.split()]
     assert got and all(p.exists() and user_dir() / "models" in p.parents for p in got)
     assert {p.parent.name for p in got} == {"qwen", "t5"}
+
+
+def test_models_lists_every_component_of_a_comfyui_folder():
+    from conftest import shared_path
+
+    folder = shared_path("golden", "models")
+    r = run("models", "--models-dir", folder, "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    kinds = {row["file"]: row["kind"] for row in rows}
+    assert kinds["diffusion_models/anima_tiny.safetensors"] == "dit"
+    assert kinds["text_encoders/qwen_3_06b_tiny.safetensors"] == "te"
+    assert kinds["vae/qwen_image_vae_tiny.safetensors"] == "vae"
+    assert sum(kind == "lora" for kind in kinds.values()) == 3
+    assert all(row["size"] > 0 for row in rows)
