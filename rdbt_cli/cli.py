@@ -352,7 +352,7 @@ def _emit(path: Path, recipe: dict, as_json: bool, bar: "_Progress | None" = Non
 @app.command()
 @friendly_errors
 def gen(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, in ComfyUI weight syntax: (word:1.2).")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, in ComfyUI weight syntax: (word:1.2); - reads stdin.")] = None,
     negative: NegativeOpt = None,
     preset: PresetOpt = None,
     sampler: SamplerOpt = None,
@@ -397,6 +397,8 @@ def gen(
             vae = vae or recorded["vae"]
         if prompt is None:
             prompt = base.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
     if prompt is None:
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     flags = _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, lora)
@@ -423,7 +425,7 @@ def gen(
             bar.start_image(f"seed {s}", gen_p.steps)
             result = generate(eng, gen_p, seed=s, index=i, callback=bar.step)
             recipe = _make_recipe(gen_p, s, i, paths, loras, preset_obj, load, eng)
-            path = metadata.save_png(result.image, dest if n == 1 or dest.suffix.lower() != ".png" else dest,
+            path = metadata.save_png(result.image, dest,
                                      None if no_metadata else recipe, metadata=not no_metadata, stem=f"rdbt-{s}")
             bar.image_done()
             _emit(path, recipe, as_json, bar, _timings(result, eng, i == 0))
@@ -537,7 +539,8 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
     from rdbt_cli.pipeline import Engine, generate
 
     first_preset = resolved[jobs[0].lineno][1] or (preset and _resolve_gen(GenParams(), preset, True)[1])
-    paths = _resolve_paths(load, getattr(first_preset, "model", None))
+    loaded_model = load.model or getattr(first_preset, "model", None)
+    paths = _resolve_paths(load, loaded_model)
     eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram)
     made, current_stack = 0, None
     with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
@@ -545,6 +548,12 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
             if job.lineno in failures:
                 continue
             g, p = resolved[job.lineno]
+            wanted = load.model or getattr(p, "model", None)
+            if wanted != loaded_model:
+                # One model per batch process: say so rather than silently using the other model.
+                failures[job.lineno] = (f"line {job.lineno}: its preset asks for model {wanted!r} but this batch runs "
+                                        f"{loaded_model or 'the default model'!r}; put those lines in their own batch")
+                continue
             s = (g.seed + job.index) % 2**64
             stem = f"L{job.lineno:04d}-{job.index:03d}-{s}"
             if _already_saved(out_dir / f"{stem}.png", bid, job.key):

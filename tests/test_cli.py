@@ -314,3 +314,24 @@ def test_models_lists_every_component_of_a_comfyui_folder():
     assert kinds["vae/qwen_image_vae_tiny.safetensors"] == "vae"
     assert sum(kind == "lora" for kind in kinds.values()) == 3
     assert all(row["size"] > 0 for row in rows)
+
+
+def test_prompt_from_stdin(tmp_path):
+    r = run("gen", "-", "--seed", 2, "--out", tmp_path / "s.png", *TINY, input="a prompt from a pipe\n")
+    assert r.exit_code == 0, r.output
+    assert json.loads(Image.open(tmp_path / "s.png").info["rdbt"])["prompt"] == "a prompt from a pipe"
+
+
+def test_batch_line_whose_preset_wants_another_model_fails_alone(tmp_path):
+    from conftest import shared_path
+
+    preset = tmp_path / "other.toml"
+    preset.write_text('model = "some_other_model"\n')
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"fine line\nother model --preset {preset}\n")
+    out = tmp_path / "out"
+    r = run("batch", prompts, "--out", out, "--models-dir", shared_path("golden", "models"), "--size", "64x64",
+            "--steps", "2", "--quiet")
+    assert r.exit_code == 1, r.output
+    assert "line 2" in r.output and "some_other_model" in r.output
+    assert len(_batch_pngs(out)) == 1
