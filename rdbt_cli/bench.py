@@ -115,6 +115,7 @@ def run(
     decode: bool = True,
     compile: bool = False,
     low_vram: bool = False,
+    attention: str = "sdpa",
     seed: int = 0,
 ) -> dict:
     """Build or load the DiT (and VAE), sample `steps` steps, decode; return the measured figures."""
@@ -122,6 +123,7 @@ def run(
 
     dev = resolve_device(device)
     dt, keep_fp8 = resolve_dtype(dtype, dev)
+    engine.set_attention_backend(attention)
     host0 = host_peak_bytes()
     t0 = time.perf_counter()
     if model in (None, "full"):
@@ -216,4 +218,5 @@ def run(
         "host_mem_for_load_gb": round((host_after_load - host0) / 2**30, 3),
         "compile": compile,
         "low_vram": low_vram,
+        "attention": attention,
     }

@@ -41,6 +41,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Attention(str, Enum):
+    sdpa = "sdpa"
+    xformers = "xformers"
+
+
 class DType(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -127,6 +132,7 @@ T5TokOpt = Annotated[Optional[str], typer.Option(help="T5 tokenizer.json (or its
 ModelsDirOpt = Annotated[Optional[str], typer.Option(help="Models folder in ComfyUI layout (also $RDBT_MODELS).", rich_help_panel=LOAD)]
 DeviceOpt = Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)]
 DTypeOpt = Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)]
+AttentionOpt = Annotated[Attention, typer.Option(help="Attention kernel: PyTorch SDPA, or xformers if installed.", rich_help_panel=LOAD)]
 LowVramOpt = Annotated[bool, typer.Option("--low-vram", help="Text encoder on the CPU and tiled VAE decode, for small GPUs.", rich_help_panel=LOAD)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
@@ -378,6 +384,7 @@ def gen(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     low_vram: LowVramOpt = False,
+    attention: AttentionOpt = Attention.sdpa,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT)] = None,
     as_json: JsonOpt = False,
     no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
@@ -405,7 +412,8 @@ def gen(
     # A recorded recipe holds its complete LoRA stack, so the persistent stack is not added to it again.
     gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base, tiny=model == "tiny")
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=device.value,
-                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram)
+                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram,
+                      attention=attention.value)
     dest = _check_output(out)
     paths = _resolve_paths(load, getattr(preset_obj, "model", None))
     loras = _resolve_loras(gen_p.loras or [], load, paths)
@@ -414,7 +422,7 @@ def gen(
     from rdbt_cli import metadata
     from rdbt_cli.pipeline import Engine, generate
 
-    eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram)
+    eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram, attention=load.attention)
     patch = eng.set_loras([(p, w) for p, w, _ in loras], allow_unmatched=allow_unmatched)
     for warning in getattr(patch, "warnings", []) or []:
         typer.echo(f"warning: {warning}", err=True)
@@ -481,6 +489,7 @@ def batch(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     low_vram: LowVramOpt = False,
+    attention: AttentionOpt = Attention.sdpa,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT)] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -525,7 +534,8 @@ def batch(
         if resolve_device(dev).type == "cuda":
             dev = f"cuda:{local_rank}"
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=dev,
-                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram)
+                      dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram,
+                      attention=attention.value)
     made = 0
     if jobs:
         made = _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet,
@@ -541,7 +551,7 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
     first_preset = resolved[jobs[0].lineno][1] or (preset and _resolve_gen(GenParams(), preset, True)[1])
     loaded_model = load.model or getattr(first_preset, "model", None)
     paths = _resolve_paths(load, loaded_model)
-    eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram)
+    eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram, attention=load.attention)
     made, current_stack = 0, None
     with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
         for job in jobs:
@@ -806,6 +816,7 @@ def bench(
     decode: Annotated[bool, typer.Option(help="Include the VAE decode.")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
     low_vram: Annotated[bool, typer.Option("--low-vram", help="Tiled VAE decode, as gen --low-vram.")] = False,
+    attention: Annotated[Attention, typer.Option(help="Attention kernel: sdpa or xformers.")] = Attention.sdpa,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ):
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
@@ -817,7 +828,7 @@ def bench(
     w, h = parse_size(size)
     result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
                            device=device.value, dtype=dtype.value, decode=decode, compile=compile,
-                           low_vram=low_vram)
+                           low_vram=low_vram, attention=attention.value)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -143,6 +143,7 @@ class LoadParams:
     device: str = "auto"
     dtype: str = "auto"
     low_vram: bool = False
+    attention: str = "sdpa"
 
 
 # Anima's defaults (the official template: er_sde, simple, 30 steps, CFG 4, shift 3, 1024²).

@@ -79,12 +79,14 @@ class Engine:
 
     @classmethod
     def load(
-        cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False
+        cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False,
+        attention: str = "sdpa",
     ) -> "Engine":
         """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt) and
         the VAE always decodes in tiles, so the device holds only the DiT and one tile's activations."""
         dev = resolve_device(device)
         dt, keep_fp8 = resolve_dtype(dtype, dev)
+        engine.set_attention_backend(attention)
         t0 = time.perf_counter()
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
         te = engine.load_text_encoder(paths.text_encoder, device="cpu" if low_vram else dev)

@@ -335,3 +335,12 @@ def test_batch_line_whose_preset_wants_another_model_fails_alone(tmp_path):
     assert r.exit_code == 1, r.output
     assert "line 2" in r.output and "some_other_model" in r.output
     assert len(_batch_pngs(out)) == 1
+
+
+def test_xformers_backend_without_the_package_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    r = run("gen", "x", "--attention", "xformers", "--out", tmp_path, *TINY)
+    assert_one_line_error(r, "xformers", "sdpa")
