@@ -235,22 +235,54 @@ def _resolve_loras(specs: list[LoraSpec], load: LoadParams, paths) -> list[tuple
     return [(lora_stack.resolve_lora_name(s.name, dirs), s.weight, s) for s in specs]
 
 
-def _component_record(path: Path) -> dict:
-    from rdbt_cli import discovery
+class _Hashes:
+    """File hashes for the metadata, computed on one background thread from the moment the files are known.
 
-    try:
-        h = discovery.file_hashes(path).get("autov2")  # hashed once per file version, then cached
-    except OSError:
-        h = None
-    return {"name": Path(path).stem, "file": Path(path).name, "hash": h}
+    Hashing a 4 GB model the first time takes seconds (then discovery's cache answers), so it overlaps model loading
+    and sampling instead of delaying the first image. One worker: the hash cache is written by one thread only.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdbt-hash")
+        self._futures: dict = {}
+
+    def start(self, *paths) -> None:
+        from rdbt_cli import discovery
+
+        for path in paths:
+            key = self._key(path)
+            if key not in self._futures:
+                self._futures[key] = self._pool.submit(discovery.file_hashes, path)
+
+    @staticmethod
+    def _key(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return (str(path), None, None)
+        return (os.path.abspath(path), st.st_size, st.st_mtime_ns)  # a file replaced in between is hashed again
+
+    def get(self, path) -> dict:
+        self.start(path)
+        try:
+            return self._futures[self._key(path)].result()
+        except OSError:
+            return {}
+
+
+_hashes = _Hashes()
+
+
+def _component_record(path: Path) -> dict:
+    return {"name": Path(path).stem, "file": Path(path).name, "hash": _hashes.get(path).get("autov2")}
 
 
 def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, load: LoadParams, engine) -> dict:
-    from rdbt_cli import discovery
-
     lora_recs = []
     for path, weight, spec in loras:
-        hs = discovery.file_hashes(path)
+        hs = _hashes.get(path)
         lora_recs.append({"name": Path(path).stem, "file": Path(path).name, "weight": weight,
                           "hash": hs.get("autov2"), "a1111_hash": hs.get("a1111_lora")})
     return {
@@ -417,6 +449,8 @@ def gen(
     dest = _check_output(out)
     paths = _resolve_paths(load, getattr(preset_obj, "model", None))
     loras = _resolve_loras(gen_p.loras or [], load, paths)
+    if load.model != "tiny":
+        _hashes.start(paths.dit, paths.text_encoder, paths.vae, *(p for p, _, _ in loras))
     first_seed = gen_p.seed if gen_p.seed is not None else random.getrandbits(63)
 
     from rdbt_cli import metadata
@@ -551,6 +585,8 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
     first_preset = resolved[jobs[0].lineno][1] or (preset and _resolve_gen(GenParams(), preset, True)[1])
     loaded_model = load.model or getattr(first_preset, "model", None)
     paths = _resolve_paths(load, loaded_model)
+    if load.model != "tiny":
+        _hashes.start(paths.dit, paths.text_encoder, paths.vae)
     eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram, attention=load.attention)
     made, current_stack = 0, None
     with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
