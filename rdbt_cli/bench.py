@@ -130,7 +130,10 @@ def run(
         with torch.device("meta"):
             dit = engine.AnimaDiT(ANIMA_2B_DIT, ANIMA_ADAPTER)
             vae = engine.WanVAE(WAN21_VAE) if decode else None
-        dit = random_module(dit, dev, dt)
+        stream = low_vram and dev.type == "cuda"
+        dit = random_module(dit, "cpu" if stream else dev, dt)
+        if stream:
+            dit.stream_blocks(dev)
         vae = random_module(vae, dev, dt if dt != torch.float16 else torch.float32) if vae is not None else None
         source = "random full-size Anima 2B"
     else:
@@ -141,7 +144,10 @@ def run(
             dit_path, vae_path = paths.dit, paths.vae
         else:
             dit_path, vae_path = model, None
-        dit = engine.load_dit(dit_path, device=dev, dtype=dt, keep_fp8=keep_fp8)
+        stream = low_vram and dev.type == "cuda"
+        dit = engine.load_dit(dit_path, device="cpu" if stream else dev, dtype=dt, keep_fp8=keep_fp8)
+        if stream:
+            dit.stream_blocks(dev)
         vae = None
         if decode:
             if vae_path is None:

@@ -133,7 +133,7 @@ ModelsDirOpt = Annotated[Optional[str], typer.Option(help="Models folder in Comf
 DeviceOpt = Annotated[Device, typer.Option(help="auto, cpu or cuda (under torchrun: each rank's local GPU).", rich_help_panel=LOAD)]
 DTypeOpt = Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8 (weights).", rich_help_panel=LOAD)]
 AttentionOpt = Annotated[Attention, typer.Option(help="Attention kernel: PyTorch SDPA, or xformers if installed.", rich_help_panel=LOAD)]
-LowVramOpt = Annotated[bool, typer.Option("--low-vram", help="Text encoder on the CPU and tiled VAE decode, for small GPUs.", rich_help_panel=LOAD)]
+LowVramOpt = Annotated[bool, typer.Option("--low-vram", help="For small GPUs: text encoder on the CPU, DiT blocks streamed from host memory, tiled VAE decode.", rich_help_panel=LOAD)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
 
@@ -851,7 +851,7 @@ def bench(
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.")] = DType.auto,
     decode: Annotated[bool, typer.Option(help="Include the VAE decode.")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
-    low_vram: Annotated[bool, typer.Option("--low-vram", help="Tiled VAE decode, as gen --low-vram.")] = False,
+    low_vram: Annotated[bool, typer.Option("--low-vram", help="Streamed DiT blocks (GPU) and tiled VAE decode, as gen --low-vram.")] = False,
     attention: Annotated[Attention, typer.Option(help="Attention kernel: sdpa or xformers.")] = Attention.sdpa,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ):

@@ -464,6 +464,54 @@ class FinalLayer(nn.Module):
         self.linear = Linear(D, p.patch_spatial**2 * p.patch_temporal * p.out_channels, bias=False)
 
 
+_RESIDENT_IN_STREAMING = re.compile(r"\.cross_attn\.(k_proj|v_proj|k_norm)\.")
+
+
+def _tensor_slots(module: nn.Module):
+    """(qualified name, (owner module, "parameter"|"buffer", attribute)) for every tensor of `module`."""
+    for mod_name, mod in module.named_modules():
+        for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            for attr, t in table.items():
+                if t is not None:
+                    yield (f"{mod_name}.{attr}" if mod_name else attr), (mod, kind, attr)
+
+
+def _get_slot(slot) -> torch.Tensor:
+    mod, kind, attr = slot
+    return mod._parameters[attr].data if kind == "parameter" else mod._buffers[attr]
+
+
+def _set_slot(slot, t: torch.Tensor) -> None:
+    mod, kind, attr = slot
+    if kind == "parameter":
+        mod._parameters[attr].data = t  # same Parameter object: LoRA patches and named_parameters keep working
+    else:
+        mod._buffers[attr] = t
+
+
+class _StreamIn:
+    def __init__(self, slots, device):
+        self.slots, self.device, self.at_rest = slots, device, []
+
+    def __call__(self, module, args):
+        self.at_rest = [_get_slot(slot) for slot in self.slots]
+        for slot, t in zip(self.slots, self.at_rest):
+            # copy=True also on the host, so the swap is the same operation whatever the device (and testable).
+            _set_slot(slot, t.to(self.device, non_blocking=t.is_pinned(), copy=True))
+        module._stream_in = self
+
+
+class _StreamOut:
+    def __init__(self, slots):
+        self.slots = slots
+
+    def __call__(self, module, args, output):
+        # Back to the host tensors; the device copies are freed once the queued kernels no longer need them.
+        for slot, t in zip(self.slots, module._stream_in.at_rest):
+            _set_slot(slot, t)
+        return output
+
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
@@ -525,6 +573,33 @@ class AnimaDiT(nn.Module):
     def clear_caches(self) -> None:
         self._rope_cache.clear()
         self._kv_cache.clear()
+
+    # -- low VRAM: block weights streamed from host memory --------------------------------------------------------
+    def stream_blocks(self, device: torch.device | str) -> None:
+        """Keep each block's weights in host memory and bring them to `device` only while that block runs.
+
+        Everything else stays on `device`: the embedders, the final layer, the adapter, and the cross-attention K/V
+        projections, which prepare_context needs for every block at once (so the K/V cache stays valid). The device
+        then holds one block's weights at a time (~140 MB for Anima 2B in bf16) instead of all 28. Weight swaps
+        (LoRA merges, undo) happen between forwards and are picked up, since each step copies whatever tensor the
+        parameter holds at that moment. Copies go on the current stream, so kernels that use them are ordered after.
+        """
+        device = torch.device(device)
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        for name, slot in _tensor_slots(self):
+            t = _get_slot(slot)
+            streamed = name.startswith("blocks.") and not _RESIDENT_IN_STREAMING.search(name)
+            if streamed:
+                t = t.to("cpu")
+                t = t.pin_memory() if pin else t
+            else:
+                t = t.to(device)
+            _set_slot(slot, t)
+        for block in self.blocks:
+            slots = [slot for name, slot in _tensor_slots(block) if not _RESIDENT_IN_STREAMING.search(name)]
+            block.register_forward_pre_hook(_StreamIn(slots, device))
+            block.register_forward_hook(_StreamOut(slots))
+        self.clear_caches()
 
     # -- conditioning ------------------------------------------------------------------------------------------------
     def encode_context(self, qwen_hidden: torch.Tensor, t5_ids: torch.Tensor, t5_weights: torch.Tensor) -> torch.Tensor:

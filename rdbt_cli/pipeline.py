@@ -82,15 +82,18 @@ class Engine:
         cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False,
         attention: str = "sdpa",
     ) -> "Engine":
-        """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt) and
-        the VAE always decodes in tiles, so the device holds only the DiT and one tile's activations."""
+        """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt), the
+        DiT's blocks are streamed from host memory one at a time on a GPU, and the VAE always decodes in tiles."""
         dev = resolve_device(device)
         dt, keep_fp8 = resolve_dtype(dtype, dev)
         engine.set_attention_backend(attention)
         t0 = time.perf_counter()
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
         te = engine.load_text_encoder(paths.text_encoder, device="cpu" if low_vram else dev)
-        dit = engine.load_dit(paths.dit, device=dev, dtype=dt, keep_fp8=keep_fp8)
+        stream = low_vram and dev.type == "cuda"
+        dit = engine.load_dit(paths.dit, device="cpu" if stream else dev, dtype=dt, keep_fp8=keep_fp8)
+        if stream:
+            dit.stream_blocks(dev)
         vae = engine.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
         eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths,
                   low_vram=low_vram)

@@ -440,3 +440,37 @@ def test_cast_while_reading_equals_cast_after_reading(tiny_file):
     assert mapped.keys() == cast.keys()
     for k in mapped:
         assert cast[k].dtype == torch.float32 and torch.equal(cast[k], mapped[k].float()), k
+
+
+def test_streamed_blocks_give_the_same_output_and_rest_on_the_host(tiny_file):
+    ref = load_dit(tiny_file, dtype=torch.float32)
+    streamed = load_dit(tiny_file, dtype=torch.float32)
+    streamed.stream_blocks("cpu")
+    at_rest = {n: p.data_ptr() for n, p in streamed.named_parameters() if n.startswith("blocks.")}
+    layer = streamed.blocks[1].mlp.layer1
+    during = []
+    layer.register_forward_hook(lambda m, a, o: during.append(m.weight.data_ptr()))
+    x, t, ctx = _inputs()
+    with torch.inference_mode():
+        want, got = ref(x, t, ctx), streamed(x, t, ctx)
+        again = streamed(x, t * 0.5, ctx)
+    assert torch.equal(want, got)
+    assert not torch.equal(got, again)
+    # While the block runs it uses a streamed copy; afterwards every parameter points at its host tensor again.
+    assert during and all(ptr != at_rest["blocks.1.mlp.layer1.weight"] for ptr in during)
+    assert all(p.data_ptr() == at_rest[n] for n, p in streamed.named_parameters() if n.startswith("blocks."))
+
+
+def test_streamed_blocks_see_a_weight_swapped_between_forwards(tiny_file):
+    model = load_dit(tiny_file, dtype=torch.float32)
+    model.stream_blocks("cpu")
+    x, t, ctx = _inputs()
+    layer = model.blocks[0].mlp.layer1
+    with torch.inference_mode():
+        before = model(x, t, ctx)
+        original = layer.weight.data
+        layer.weight.data = original * 1.5  # what a LoRA merge does
+        patched = model(x, t, ctx)
+        layer.weight.data = original  # and its undo
+        after = model(x, t, ctx)
+    assert not torch.equal(before, patched) and torch.equal(before, after)
