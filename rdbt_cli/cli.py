@@ -177,17 +177,32 @@ TINY_DEFAULTS = GenParams(width=256, height=256, steps=12)
 
 
 def _resolve_gen(flags: GenParams, preset_name: Optional[str], no_stack: bool, base: Optional[GenParams] = None,
-                 tiny: bool = False):
-    """defaults < (recipe of --from) < preset < persistent LoRA stack < explicit flags."""
+                 model_flag: Optional[str] = None):
+    """defaults < (recipe of --from) < preset < persistent LoRA stack < explicit flags.
+
+    Returns (GenParams, preset, model name): the model is the flag's, else the preset's; the tiny model brings its
+    own defaults.
+    """
+    from dataclasses import fields
+
     from rdbt_cli import lora_stack, presets
 
     preset = presets.load_preset(preset_name) if preset_name else None
+    model_name = presets.resolve_model(preset, model_flag)
     stack = [] if no_stack else lora_stack.load_stack()
-    defaults = _overlay(DEFAULTS, TINY_DEFAULTS) if tiny else DEFAULTS
+    defaults = _overlay(DEFAULTS, TINY_DEFAULTS) if model_name == "tiny" else DEFAULTS
     if base is not None:
+        for f in fields(GenParams):  # a recipe read from a PNG is user input too
+            value = getattr(base, f.name)
+            problem = presets.value_problem(f.name, value) if value is not None and f.name != "loras" else None
+            if problem:
+                raise ConfigError(f"recorded {f.name} {value!r}: {problem}")
         defaults = _overlay(defaults, base)
     gen = presets.resolve(preset, stack, flags, defaults=defaults)
-    return gen, preset
+    # `--lora NAME:0` switches a LoRA off even when the stack or preset spells its name another way: the zero goes
+    # on to _resolve_loras, which merges entries by file.
+    gen.loras = [*(gen.loras or []), *(s for s in flags.loras or [] if s.weight == 0)]
+    return gen, preset, model_name
 
 
 def _overlay(lower: GenParams, upper: GenParams) -> GenParams:
@@ -202,12 +217,12 @@ def _models_dirs(flag: Optional[str]) -> tuple[Path, ...]:
     return tuple(discovery.models_dirs(flag))
 
 
-def _resolve_paths(load: LoadParams, model_name: Optional[str]):
+def _resolve_paths(load: LoadParams):
     """Model, text encoder, VAE and tokenizer files — all checked before any weights are read."""
     from rdbt_cli import discovery, text
     from rdbt_cli.pipeline import ModelPaths
 
-    model_name = load.model or model_name
+    model_name = load.model
     if model_name == "tiny":
         from rdbt_cli.tiny import ensure_tiny_models
 
@@ -223,38 +238,63 @@ def _resolve_paths(load: LoadParams, model_name: Optional[str]):
 
 
 def _lora_dirs(models_dir: Optional[str], extra: tuple[Path, ...] = ()) -> list[Path]:
-    candidates = [*extra, *(d / sub for d in _models_dirs(models_dir) for sub in ("loras", "Lora", "LyCORIS"))]
-    return [d for d in candidates if d.is_dir()]
+    from rdbt_cli import discovery
+
+    candidates = [*extra, *(d / sub for d in _models_dirs(models_dir) for sub in discovery.KIND_FOLDERS["lora"])]
+    return discovery._dedupe(d for d in candidates if d.is_dir())
 
 
 def _resolve_loras(specs: list[LoraSpec], load: LoadParams, paths) -> list[tuple[Path, float, LoraSpec]]:
-    from rdbt_cli import lora_stack
+    """Names to files. One entry per file: a LoRA named two ways (stack `turbo`, flag `anima-turbo-lora`) is merged
+    once, at its last weight, in the place it first appeared; weight 0 leaves it out."""
+    from rdbt_cli import discovery, lora_stack
 
     # The loras/ folder beside the model's own folder first (ComfyUI layout), then the models folders'.
-    dirs = _lora_dirs(load.models_dir, (Path(paths.dit).parent.parent / "loras",))
-    return [(lora_stack.resolve_lora_name(s.name, dirs), s.weight, s) for s in specs]
+    dit = Path(paths.dit)
+    beside = (dit.parent.parent / "loras",) if dit.parent.name in discovery.KIND_FOLDERS["dit"] else ()
+    dirs = _lora_dirs(load.models_dir, beside)
+    merged: dict[str, tuple[Path, float, LoraSpec]] = {}
+    for spec in specs:
+        path = lora_stack.resolve_lora_name(spec.name, dirs)
+        merged[os.path.realpath(path)] = (path, spec.weight, spec)
+    return [entry for entry in merged.values() if entry[1] != 0]
 
 
 class _Hashes:
     """File hashes for the metadata, computed on one background thread from the moment the files are known.
 
     Hashing a 4 GB model the first time takes seconds (then discovery's cache answers), so it overlaps model loading
-    and sampling instead of delaying the first image. One worker: the hash cache is written by one thread only.
+    and sampling instead of delaying the first image. One worker, so the hash cache has one writer; a daemon, so an
+    error or Ctrl-C exits at once instead of waiting for queued hashes (the cache is written atomically).
     """
 
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdbt-hash")
+        self._queue = None
         self._futures: dict = {}
 
-    def start(self, *paths) -> None:
+    def _worker(self):
         from rdbt_cli import discovery
 
+        while True:
+            path, future = self._queue.get()
+            try:
+                future.set_result(discovery.file_hashes(path))
+            except BaseException as exc:  # handed to whoever waits for this hash
+                future.set_exception(exc)
+
+    def start(self, *paths) -> None:
+        import queue
+        import threading
+        from concurrent.futures import Future
+
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._worker, name="rdbt-hash", daemon=True).start()
         for path in paths:
             key = self._key(path)
             if key not in self._futures:
-                self._futures[key] = self._pool.submit(discovery.file_hashes, path)
+                self._futures[key] = Future()
+                self._queue.put((path, self._futures[key]))
 
     @staticmethod
     def _key(path):
@@ -268,7 +308,7 @@ class _Hashes:
         self.start(path)
         try:
             return self._futures[self._key(path)].result()
-        except OSError:
+        except (OSError, RdbtError):
             return {}
 
 
@@ -276,15 +316,16 @@ _hashes = _Hashes()
 
 
 def _component_record(path: Path) -> dict:
-    return {"name": Path(path).stem, "file": Path(path).name, "hash": _hashes.get(path).get("autov2")}
+    return {"name": Path(path).stem, "file": Path(path).name, "path": str(Path(path).resolve()),
+            "hash": _hashes.get(path).get("autov2")}
 
 
 def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, load: LoadParams, engine) -> dict:
     lora_recs = []
     for path, weight, spec in loras:
         hs = _hashes.get(path)
-        lora_recs.append({"name": Path(path).stem, "file": Path(path).name, "weight": weight,
-                          "hash": hs.get("autov2"), "a1111_hash": hs.get("a1111_lora")})
+        lora_recs.append({"name": Path(path).stem, "file": Path(path).name, "path": str(Path(path).resolve()),
+                          "weight": weight, "hash": hs.get("autov2"), "a1111_hash": hs.get("a1111_lora")})
     return {
         "schema": "rdbt.recipe/1",
         "rdbt_version": __version__,
@@ -305,6 +346,7 @@ def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, lo
         "preset": getattr(preset, "name", None),
         "device": engine.device.type,
         "dtype": str(engine.dtype).replace("torch.", ""),
+        "weights_fp8": engine.weights_fp8,
         "index": index,
     }
 
@@ -317,8 +359,9 @@ def _check_output(out: Optional[str]) -> Path:
     probe = folder
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise OutputError(f"{folder}: output folder is not writable; choose another with --out")
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: output folder cannot be created or written ({probe} is in the way or read-only); "
+                          "choose another with --out")
     return dest
 
 
@@ -376,7 +419,7 @@ def _timings(result, eng, first: bool) -> dict:
 def _emit(path: Path, recipe: dict, as_json: bool, bar: "_Progress | None" = None, timings: dict | None = None):
     record = {"path": str(path), **recipe, **({"timings": timings} if timings else {})}
     line = json.dumps(record, ensure_ascii=False) if as_json else str(path)
-    if bar is not None and bar.live and sys.stdout.isatty():
+    if bar is not None and bar.live and sys.stdout.isatty() and sys.stderr.isatty():
         bar.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # above the live bar
     else:
         typer.echo(line)
@@ -429,7 +472,9 @@ def gen(
 
         base, recorded = _recipe_to_gen(metadata.read_png(from_image)["recipe"])
         model = model or recorded["model"]
-        if dtype == DType.auto and recorded.get("dtype") in _RECORDED_DTYPES:
+        if dtype == DType.auto and recorded.get("weights_fp8"):
+            dtype = DType.fp8  # fp8 storage changes LoRA merges (requantised) and so the image
+        elif dtype == DType.auto and recorded.get("dtype") in _RECORDED_DTYPES:
             dtype = DType(_RECORDED_DTYPES[recorded["dtype"]])  # same precision, same image
         if model != "tiny":
             text_encoder = text_encoder or recorded["text_encoder"]
@@ -437,17 +482,17 @@ def gen(
         if prompt is None:
             prompt = base.prompt
     if prompt == "-":
-        prompt = sys.stdin.read().strip()
+        prompt = sys.stdin.read().strip() or None
     if prompt is None:
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     flags = _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, lora)
     # A recorded recipe holds its complete LoRA stack, so the persistent stack is not added to it again.
-    gen_p, preset_obj = _resolve_gen(flags, preset, no_stack or from_image is not None, base, tiny=model == "tiny")
+    gen_p, preset_obj, model = _resolve_gen(flags, preset, no_stack or from_image is not None, base, model)
     load = LoadParams(model=model, text_encoder=text_encoder, vae=vae, models_dir=models_dir, device=device.value,
                       dtype=dtype.value, qwen_tokenizer=qwen_tokenizer, t5_tokenizer=t5_tokenizer, low_vram=low_vram,
                       attention=attention.value)
     dest = _check_output(out)
-    paths = _resolve_paths(load, getattr(preset_obj, "model", None))
+    paths = _resolve_paths(load)
     loras = _resolve_loras(gen_p.loras or [], load, paths)
     if load.model != "tiny":
         _hashes.start(paths.dit, paths.text_encoder, paths.vae, *(p for p, _, _ in loras))
@@ -479,14 +524,21 @@ _RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def _recipe_to_gen(recipe: dict) -> tuple[GenParams, dict]:
     fields = {k: recipe.get(k) for k in ("prompt", "negative", "width", "height", "steps", "cfg", "seed", "sampler",
                                          "scheduler", "shift")}
-    loras = [LoraSpec(l["name"], float(l.get("weight", 1.0))) for l in recipe.get("loras") or []]
-    def stem(component):
-        # Recorded by file name; the models folder resolves it again (by stem, so renamed extensions still match).
+    # A LoRA recorded with its path is taken from there while that file exists (it may sit outside loras/).
+    loras = [
+        LoraSpec(l["path"] if l.get("path") and Path(l["path"]).is_file() else l["name"], float(l.get("weight", 1.0)))
+        for l in recipe.get("loras") or []
+    ]
+    def locate(component):
+        # The recorded path while that file exists, else the file name for the models folder to resolve again.
+        if isinstance(component, dict) and component.get("path") and Path(component["path"]).is_file():
+            return component["path"]
         name = component.get("file") if isinstance(component, dict) else component
         return Path(name).stem if name and name != "tiny" else name
 
-    recorded = {k: stem(recipe.get(k)) for k in ("model", "text_encoder", "vae")}
+    recorded = {k: locate(recipe.get(k)) for k in ("model", "text_encoder", "vae")}
     recorded["dtype"] = recipe.get("dtype")
+    recorded["weights_fp8"] = bool(recipe.get("weights_fp8"))
     return GenParams(**fields, count=1, loras=loras), recorded
 
 
@@ -540,26 +592,28 @@ def batch(
     rank, world, local_rank = batch_mod.torchrun_env()
     text = batch_mod.read_batch_source(file)
     lines = batch_mod.parse_batch(text)
-    bid = batch_mod.batch_id(text)
     out_dir = Path(out) if out else Path("outputs")
     _check_output(str(out_dir) + os.sep)
     base = _flags_to_gen(None, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, lora)
+    # The same file with other batch-wide settings is another batch: it must not count the first one's images as done.
+    settings = [vars(base), preset, model, text_encoder, vae, dtype.value, no_stack]
+    bid = batch_mod.batch_id(text + "\0" + json.dumps(settings, default=str, sort_keys=True))
     failures: dict[int, str] = {line.lineno: line.error for line in lines if line.error}
     resolved: dict[int, tuple] = {}
     for line in lines:
         if line.error:
             continue
         try:
-            g, p = _resolve_gen(batch_mod.merge_flags(base, line.overrides), line.preset or preset, no_stack,
-                                tiny=model == "tiny")
+            g, p, m = _resolve_gen(batch_mod.merge_flags(base, line.overrides), line.preset or preset, no_stack,
+                                   model_flag=model)
             if g.seed is None:
                 g.seed = batch_mod.line_seed(bid, line.lineno)
-            resolved[line.lineno] = (g, p)
+            resolved[line.lineno] = (g, p, m)
         except RdbtError as err:
             failures[line.lineno] = f"line {line.lineno}: {err}"
     good = [line for line in lines if line.lineno in resolved]
     done = batch_mod.load_done(out_dir, bid)
-    jobs = batch_mod.plan_jobs(good, {ln: g.count or 1 for ln, (g, _) in resolved.items()}, rank, world, done)
+    jobs = batch_mod.plan_jobs(good, {ln: r[0].count or 1 for ln, r in resolved.items()}, rank, world, done)
 
     dev = device.value
     if world > 1 and dev in ("auto", "cuda"):
@@ -572,33 +626,39 @@ def batch(
                       attention=attention.value)
     made = 0
     if jobs:
-        made = _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet,
-                               preset)
+        made = _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet)
     elapsed = time.perf_counter() - t_start
     _batch_summary(rank, world, made, len(done), failures, elapsed)
 
 
-def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet, preset):
+def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_unmatched, as_json, quiet):
+    from dataclasses import replace
+
     from rdbt_cli import batch as batch_mod, metadata
     from rdbt_cli.pipeline import Engine, generate
 
-    first_preset = resolved[jobs[0].lineno][1] or (preset and _resolve_gen(GenParams(), preset, True)[1])
-    loaded_model = load.model or getattr(first_preset, "model", None)
-    paths = _resolve_paths(load, loaded_model)
+    # One model per batch process: the first job's. Lines that resolve to another file fail with that reason.
+    load = replace(load, model=resolved[jobs[0].lineno][2])
+    paths = _resolve_paths(load)
+    loaded = _model_identity(load.model, paths.dit)
     if load.model != "tiny":
         _hashes.start(paths.dit, paths.text_encoder, paths.vae)
     eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram, attention=load.attention)
-    made, current_stack = 0, None
+    made, current_stack, identities = 0, None, {load.model: loaded}
     with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
         for job in jobs:
             if job.lineno in failures:
                 continue
-            g, p = resolved[job.lineno]
-            wanted = load.model or getattr(p, "model", None)
-            if wanted != loaded_model:
-                # One model per batch process: say so rather than silently using the other model.
-                failures[job.lineno] = (f"line {job.lineno}: its preset asks for model {wanted!r} but this batch runs "
-                                        f"{loaded_model or 'the default model'!r}; put those lines in their own batch")
+            g, p, wanted = resolved[job.lineno]
+            try:
+                if wanted not in identities:
+                    identities[wanted] = _model_identity(wanted, None, load)
+            except RdbtError as err:
+                failures[job.lineno] = f"line {job.lineno}: {err}"
+                continue
+            if identities[wanted] != loaded:
+                failures[job.lineno] = (f"line {job.lineno}: it asks for model {wanted or 'the default model'!r} but "
+                                        f"this batch runs {Path(paths.dit).name!r}; put those lines in their own batch")
                 continue
             s = (g.seed + job.index) % 2**64
             stem = f"L{job.lineno:04d}-{job.index:03d}-{s}"
@@ -628,6 +688,17 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
             bar.image_done()
             _emit(path, recipe, as_json, bar, _timings(result, eng, made == 1))
     return made
+
+
+def _model_identity(name: Optional[str], resolved_path, load: Optional[LoadParams] = None) -> str:
+    """What a model name means on disk ('tiny' or a real path), so two spellings of one file compare equal."""
+    from rdbt_cli import discovery
+
+    if name == "tiny":
+        return "tiny"
+    if resolved_path is None:
+        resolved_path = discovery.resolve_component("dit", name, list(_models_dirs(load.models_dir)))
+    return os.path.realpath(resolved_path)
 
 
 def _already_saved(path: Path, bid: str, job_key: str) -> bool:
@@ -765,7 +836,7 @@ def presets(
     if name is None:
         items = presets_mod.list_presets()
         if as_json:
-            typer.echo(json.dumps([{k: str(v) for k, v in vars(p).items()} for p in items], indent=1))
+            typer.echo(json.dumps([p._asdict() for p in items], indent=1, default=str))
             return
         for p in items:
             typer.echo(f"{p.name:16} {p.source:8} {p.description or ''}")
@@ -773,8 +844,9 @@ def presets(
     preset = presets_mod.load_preset(name)
     path = getattr(preset, "path", None)
     if as_json:
-        typer.echo(json.dumps({k: (v if isinstance(v, (int, float, str, type(None))) else str(v))
-                               for k, v in vars(preset).items()}, indent=1))
+        from dataclasses import asdict
+
+        typer.echo(json.dumps(asdict(preset), indent=1, default=str))
     elif path and Path(path).exists():
         typer.echo(f"# {path}")
         typer.echo(Path(path).read_text(encoding="utf-8"))
@@ -813,7 +885,10 @@ def lora_stack_cmd(
         lora_stack.clear()
     for item in add or []:
         spec = parse_lora_arg(item)
-        if not Path(spec.name).exists():
+        if Path(spec.name).expanduser().is_file():
+            # A path is stored absolute, so the stack works from any folder.
+            spec = LoraSpec(str(Path(spec.name).expanduser().resolve()), spec.weight)
+        else:
             lora_stack.resolve_lora_name(spec.name, _lora_dirs(models_dir))  # fail now, not at the next gen
         lora_stack.add(spec)
     for item in set_ or []:

@@ -443,7 +443,11 @@ def models_dirs(
                 out.append(d)
         return _dedupe(out)
     if env.get("RDBT_MODELS"):
-        return _dedupe(Path(p).expanduser() for p in env["RDBT_MODELS"].split(os.pathsep) if p)
+        dirs = [Path(p).expanduser() for p in env["RDBT_MODELS"].split(os.pathsep) if p]
+        found = [d for d in dirs if d.is_dir()]
+        if not found:  # one unmounted folder among several is skipped; a variable naming none is a mistake
+            raise ConfigError(f"RDBT_MODELS={env['RDBT_MODELS']}: no such folder; fix the variable or unset it")
+        return _dedupe(found)
     base = Path(home).expanduser() if home is not None else Path.home()
     if comfy_roots is None:
         comfy_roots = [base / "ComfyUI", base / "comfy" / "ComfyUI", base / "Documents" / "ComfyUI"]
@@ -669,18 +673,6 @@ def _not_found(label: str, name: str | None, looked: Sequence[Path]) -> str:
     where = ", ".join(str(p) for p in looked[:6]) + (" ..." if len(looked) > 6 else "") if looked else "no models folder"
     return (f"{what} (looked in {where}); pass a path, point --models-dir or RDBT_MODELS at your models folder, "
             "or fetch the official files with `rdbt download`")
-
-
-def resolve_tokenizer(which: str, dirs: Sequence[str | os.PathLike]) -> Path:
-    """`tokenizers/<which>/tokenizer.json` ('qwen' or 't5') in the first models folder that has it."""
-    for d in map(Path, dirs):
-        for cand in (d / "tokenizers" / which / "tokenizer.json", d / which / "tokenizer.json"):
-            if cand.is_file():
-                return cand
-    raise TokenizerNotFound(
-        f"no {which} tokenizer.json under tokenizers/{which}/ in {', '.join(map(str, dirs)) or 'any models folder'}; "
-        "run `rdbt download --only tokenizers` or copy ComfyUI's tokenizer there"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

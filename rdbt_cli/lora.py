@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rdbt_cli.discovery import PICKLE_SUFFIXES
 from rdbt_cli.errors import CheckpointError, LoraError
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # File-key suffix -> role, for every adapter tensor ComfyUI recognises plus PEFT's DoRA magnitude (formats.md §2.1).

@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 
 from rdbt_cli.config import LoraSpec, user_dir
+from rdbt_cli.discovery import PICKLE_SUFFIXES
 from rdbt_cli.errors import LoraError
 
 STACK_FILE = "lora_stack.json"
 STACK_VERSION = 1
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def stack_path() -> Path:
@@ -45,7 +45,10 @@ def load_stack() -> list[LoraSpec]:
         raise LoraError(f"{path}: unreadable LoRA stack ({exc.__class__.__name__}); {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("loras"), list):
         raise LoraError(f"{path}: not a LoRA stack (no 'loras' list); {fix}")
-    if data.get("version", STACK_VERSION) > STACK_VERSION:
+    version = data.get("version", STACK_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LoraError(f"{path}: stack version {version!r} is not a whole number; {fix}")
+    if version > STACK_VERSION:
         raise LoraError(f"{path}: written by a newer rdbt (stack version {data['version']}); upgrade rdbt or {fix}")
     specs = []
     for i, entry in enumerate(data["loras"]):
@@ -178,7 +181,7 @@ def resolve_lora_name(name: str, lora_dirs: list[str | os.PathLike]) -> Path:
     if pickled:
         raise LoraError(f"{pickled[0]}: pickle LoRAs ({pickled[0].suffix}) are never loaded; "
                         "convert it to .safetensors")
-    where = ", ".join(str(d) for d in dirs) or "no LoRA folders were found"
     if _looks_like_path(name):
         raise LoraError(f"{p}: LoRA file not found; check the path")
-    raise LoraError(f"LoRA {name!r} not found in {where}; put the .safetensors file there or give its path")
+    where = f"in {', '.join(str(d) for d in dirs)}" if dirs else "(no loras/ folder was found)"
+    raise LoraError(f"LoRA {name!r} not found {where}; put the .safetensors file in a loras/ folder or give its path")

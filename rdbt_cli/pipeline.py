@@ -100,6 +100,11 @@ class Engine:
         eng.timings["load_s"] = time.perf_counter() - t0
         return eng
 
+    @property
+    def weights_fp8(self) -> bool:
+        """Whether DiT weights are stored fp8 (recorded: a LoRA merged into fp8 weights is requantised)."""
+        return any(p.dtype in engine.FP8_DTYPES for p in self.dit.parameters())
+
     def set_loras(self, loras: list[tuple[Path, float]], *, allow_unmatched: bool = False):
         """Undo the previous stack (exactly) and merge this one; no reload. Returns the Patch (or None)."""
         from rdbt_cli import lora

@@ -344,3 +344,83 @@ def test_xformers_backend_without_the_package_is_a_clear_error(tmp_path):
         pytest.skip("xformers is installed here")
     r = run("gen", "x", "--attention", "xformers", "--out", tmp_path, *TINY)
     assert_one_line_error(r, "xformers", "sdpa")
+
+
+def _golden_models(tmp_path):
+    """A private copy of the golden models folder (so LoRA files can be moved around)."""
+    from conftest import shared_path
+
+    dest = tmp_path / "models"
+    shutil.copytree(shared_path("golden", "models"), dest)
+    return dest
+
+
+GOLDEN_RUN = ["--size", "64x64", "--steps", "2", "--quiet", "--seed", "5", "--dtype", "fp32"]
+
+
+def test_a_lora_named_two_ways_is_merged_once(tmp_path):
+    models = _golden_models(tmp_path)
+    assert run("lora-stack", "--add", "tiny_peft:0.5", "--models-dir", models).exit_code == 0
+    r = run("gen", "x", "--lora", "tiny_peft_lora:0.4", "--models-dir", models, "--out", tmp_path / "a.png",
+            "--json", *GOLDEN_RUN)
+    assert r.exit_code == 0, r.output
+    loras = json.loads(r.output)["loras"]
+    assert [(entry["file"], entry["weight"]) for entry in loras] == [("tiny_peft_lora.safetensors", 0.4)]
+    r = run("gen", "x", "--lora", "tiny_peft_lora:0", "--models-dir", models, "--out", tmp_path / "b.png",
+            "--json", *GOLDEN_RUN)
+    assert json.loads(r.output)["loras"] == []  # weight 0 switches the stack's entry off, whatever its spelling
+
+
+def test_from_finds_a_lora_given_by_path_and_stack_paths_are_absolute(tmp_path, monkeypatch):
+    models = _golden_models(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(str(models / "loras" / "tiny_kohya_lora.safetensors"), str(elsewhere / "style.safetensors"))
+    monkeypatch.chdir(elsewhere)
+    assert run("lora-stack", "--add", "style.safetensors:0.7", "--json").exit_code == 0
+    stack = json.loads(run("lora-stack", "--json").output)
+    assert stack == [{"name": str(elsewhere / "style.safetensors"), "weight": 0.7}]
+    first = tmp_path / "first.png"
+    r = run("gen", "x", "--models-dir", models, "--out", first, *GOLDEN_RUN)
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)
+    again = tmp_path / "again.png"
+    r = run("gen", "--from", first, "--models-dir", models, "--out", again, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_from_rejects_a_recorded_value_rdbt_could_not_make(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 4, Sampler: Euler, CFG scale: 4, Seed: 1, Size: 64x65")
+    bad = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 65)).save(bad, pnginfo=info)
+    r = run("gen", "--from", bad, "--model", "tiny", "--out", tmp_path, "--quiet")
+    assert_one_line_error(r, "65", "16")
+
+
+def test_batch_with_other_batch_wide_settings_is_a_new_batch(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\n")
+    out = tmp_path / "out"
+    assert run("batch", prompts, "--out", out, *TINY).exit_code == 0
+    r = run("batch", prompts, "--out", out, "--model", "tiny", "--size", "32x32", "--steps", "2", "--quiet")
+    assert r.exit_code == 0 and "1 images made" in r.output
+    assert len(_batch_pngs(out)) == 2
+
+
+def test_presets_json_and_a_preset_that_picks_the_tiny_model(tmp_path):
+    r = run("presets", "--json")
+    assert r.exit_code == 0 and {p["name"] for p in json.loads(r.output)} >= {"rdbt", "turbo"}
+    r = run("presets", "turbo", "--json")
+    assert json.loads(r.output)["loras"][0]["weight"] == 0.3
+    preset = tmp_path / "mine.toml"
+    preset.write_text('model = "tiny"\nsteps = 2\nsize = "32x32"\n')
+    first = tmp_path / "p.png"
+    r = run("gen", "x", "--preset", preset, "--seed", 1, "--out", first, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads(Image.open(first).info["rdbt"])["model"]["name"] == "tiny"
+    r = run("gen", "--from", first, "--out", tmp_path / "q.png", "--quiet")
+    assert r.exit_code == 0 and np.array_equal(pixels(first), pixels(tmp_path / "q.png"))

@@ -404,14 +404,6 @@ def test_aio_serves_every_component(tmp_path):
         assert resolve_component(kind, None, [tmp_path / "m"]) == aio
 
 
-def test_resolve_tokenizer(tmp_path):
-    (tmp_path / "m" / "tokenizers" / "t5").mkdir(parents=True)
-    (tmp_path / "m" / "tokenizers" / "t5" / "tokenizer.json").write_text("{}")
-    assert discovery.resolve_tokenizer("t5", [tmp_path / "m"]).parent.name == "t5"
-    with pytest.raises(TokenizerNotFound, match="rdbt download"):
-        discovery.resolve_tokenizer("qwen", [tmp_path / "m"])
-
-
 def test_inventory_lists_everything(models, tmp_path):
     write_gguf(models / "diffusion_models" / "anima-Q8_0.gguf")
     (models / "checkpoints").mkdir()
@@ -554,3 +546,8 @@ def test_discovery_never_imports_torch():
 def test_fileinfo_is_plain_data(tmp_path):
     info = classify(write_st(tmp_path / "v.safetensors", vae_tensors()))
     assert isinstance(info, FileInfo) and vars(info)["kind"] == "vae" and vars(info)["path"] == info.path
+
+
+def test_rdbt_models_naming_no_existing_folder_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="RDBT_MODELS"):
+        discovery.models_dirs(None, env={"RDBT_MODELS": str(tmp_path / "nope")})

@@ -125,3 +125,14 @@ def test_resolve_ambiguous_and_missing(lora_dirs):
         lora_stack.resolve_lora_name("watercolor", lora_dirs)
     with pytest.raises(LoraError, match=r"old\.pt: pickle LoRAs"):
         lora_stack.resolve_lora_name("old", lora_dirs)
+
+
+def test_a_stack_file_with_a_non_integer_version_is_a_clear_error():
+    from rdbt_cli.errors import LoraError
+    from rdbt_cli import lora_stack
+
+    path = lora_stack.stack_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"version": "1", "loras": []}')
+    with pytest.raises(LoraError, match="version"):
+        lora_stack.load_stack()
