@@ -35,7 +35,6 @@ NOMINAL_PEAK_TFLOPS = {
     ("A100", torch.bfloat16): 312.0, ("A100", torch.float16): 312.0, ("A100", torch.float32): 19.5,
     ("L40S", torch.bfloat16): 362.0, ("4090", torch.bfloat16): 165.0,
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dit_flops(p: DiTParams, n_tokens: int, n_context: int = 512) -> float:
@@ -119,22 +118,26 @@ def run(
     seed: int = 0,
 ) -> dict:
     """Build or load the DiT (and VAE), sample `steps` steps, decode; return the measured figures."""
-    from rdbt_cli.pipeline import resolve_device, resolve_dtype
+    from rdbt_cli.pipeline import load_dit_for, resolve_device, resolve_dtype, vae_dtype
 
     dev = resolve_device(device)
-    dt, keep_fp8 = resolve_dtype(dtype, dev)
+    dt, _ = resolve_dtype(dtype, dev)
     engine.set_attention_backend(attention)
     host0 = host_peak_bytes()
     t0 = time.perf_counter()
+    vae_path = None
     if model in (None, "full"):
         with torch.device("meta"):
             dit = engine.AnimaDiT(ANIMA_2B_DIT, ANIMA_ADAPTER)
-            vae = engine.WanVAE(WAN21_VAE) if decode else None
         stream = low_vram and dev.type == "cuda"
         dit = random_module(dit, "cpu" if stream else dev, dt)
+        if dtype == "fp8":  # as load_dit stores a file's weights under --dtype fp8
+            for name, layer in dit.named_modules():
+                if isinstance(layer, engine.Linear) and not engine._HIGH_PRECISION.search(name + "."):
+                    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+            dit.compute_dtype = dt
         if stream:
             dit.stream_blocks(dev)
-        vae = random_module(vae, dev, dt if dt != torch.float16 else torch.float32) if vae is not None else None
         source = "random full-size Anima 2B"
     else:
         if model == "tiny":
@@ -143,20 +146,16 @@ def run(
             paths = ensure_tiny_models()
             dit_path, vae_path = paths.dit, paths.vae
         else:
-            dit_path, vae_path = model, None
-        stream = low_vram and dev.type == "cuda"
-        dit = engine.load_dit(dit_path, device="cpu" if stream else dev, dtype=dt, keep_fp8=keep_fp8)
-        if stream:
-            dit.stream_blocks(dev)
-        vae = None
-        if decode:
-            if vae_path is None:
-                with torch.device("meta"):
-                    vae = engine.WanVAE(WAN21_VAE)
-                vae = random_module(vae, dev, dt if dt != torch.float16 else torch.float32)
-            else:
-                vae = engine.load_vae(vae_path, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
+            dit_path = model
+        dit = load_dit_for(dit_path, dev, dtype, low_vram)
         source = str(model)
+    vae = None
+    if decode and vae_path is not None:
+        vae = engine.load_vae(vae_path, device=dev, dtype=vae_dtype(dt))
+    elif decode:
+        with torch.device("meta"):
+            vae = engine.WanVAE(WAN21_VAE)
+        vae = random_module(vae, dev, vae_dtype(dt))
     _sync(dev)
     load_s = time.perf_counter() - t0
     host_after_load = host_peak_bytes()
@@ -179,7 +178,7 @@ def run(
         _sync(dev)
         stamps.append(time.perf_counter())
 
-    denoiser = sampling.CFGDenoiser(lambda x, s, c: dit(x, s, c), cond, uncond, cfg)
+    denoiser = sampling.CFGDenoiser(dit, cond, uncond, cfg)
     with torch.inference_mode():
         _sync(dev)
         t_start = time.perf_counter()
@@ -198,6 +197,9 @@ def run(
     n_tokens = (height // 16) * (width // 16)
     flops_step = forwards * dit_flops(params, n_tokens)
     achieved = flops_step / step_s / 1e12
+    # Peaks are read before the GEMM probe, whose buffers are not part of the run.
+    peak_device = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    peak_host = host_peak_bytes()
     peak, peak_source = _peak_tflops(dev, dit.compute_dtype)
     measured_gemm = gemm_tflops(dev, dit.compute_dtype)
     image_s = step_s * steps + decode_s  # steady state: warm-up and compilation excluded
@@ -219,8 +221,8 @@ def run(
         "peak_source": peak_source,
         "mfu": round(achieved / peak, 4) if peak else None,
         "fraction_of_gemm": round(achieved / measured_gemm, 4) if measured_gemm else None,
-        "peak_device_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
-        "peak_host_mem_gb": round(host_peak_bytes() / 2**30, 3),
+        "peak_device_mem_gb": round(peak_device / 2**30, 3) if peak_device is not None else None,
+        "peak_host_mem_gb": round(peak_host / 2**30, 3),
         "host_mem_for_load_gb": round((host_after_load - host0) / 2**30, 3),
         "compile": compile,
         "low_vram": low_vram,

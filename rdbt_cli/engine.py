@@ -31,6 +31,15 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def half_dtype(device: torch.device | str) -> torch.dtype:
+    """The 16-bit compute dtype for a device: bf16 on GPUs with bf16 tensor cores (Ampere on), fp16 before them
+    (bf16 there is emulated and slow), bf16 on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
+
+
 class Linear(nn.Linear):
     """nn.Linear whose weight may be stored in another dtype (fp8, bf16) and is cast per call.
 
@@ -430,13 +439,14 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, emb, adaln_lora, rope, kv):
         # x: (B, L, D) residual stream; emb, adaln_lora: (B, 1, D), (B, 1, 3D) in the compute dtype
-        dt = emb.dtype
+        # The gated update is formed in the residual stream's dtype (fp32 under fp16, as ComfyUI); a no-op otherwise.
+        dt, r = emb.dtype, x.dtype
         shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        x = x + gate * self.self_attn(_modulate(x, shift, scale, dt), rope=rope)
+        x = x + gate.to(r) * self.self_attn(_modulate(x, shift, scale, dt), rope=rope).to(r)
         shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        x = x + gate * self.cross_attn(_modulate(x, shift, scale, dt), kv=kv)
+        x = x + gate.to(r) * self.cross_attn(_modulate(x, shift, scale, dt), kv=kv).to(r)
         shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
-        return x + gate * self.mlp(_modulate(x, shift, scale, dt))
+        return x + gate.to(r) * self.mlp(_modulate(x, shift, scale, dt)).to(r)
 
 
 class TimestepEmbedding(nn.Module):
@@ -464,7 +474,7 @@ class FinalLayer(nn.Module):
         self.linear = Linear(D, p.patch_spatial**2 * p.patch_temporal * p.out_channels, bias=False)
 
 
-_RESIDENT_IN_STREAMING = re.compile(r"\.cross_attn\.(k_proj|v_proj|k_norm)\.")
+_RESIDENT_IN_STREAMING = re.compile(r"(?:^|\.)cross_attn\.(k_proj|v_proj|k_norm)\.")
 
 
 def _tensor_slots(module: nn.Module):
@@ -493,21 +503,23 @@ class _StreamIn:
     def __init__(self, slots, device):
         self.slots, self.device, self.at_rest = slots, device, []
 
+    @torch.compiler.disable  # host-side bookkeeping: keep it out of compiled graphs
     def __call__(self, module, args):
         self.at_rest = [_get_slot(slot) for slot in self.slots]
         for slot, t in zip(self.slots, self.at_rest):
-            # copy=True also on the host, so the swap is the same operation whatever the device (and testable).
-            _set_slot(slot, t.to(self.device, non_blocking=t.is_pinned(), copy=True))
-        module._stream_in = self
+            # non_blocking is safe for host-to-device copies (pinned or not); copy=True also on the host, so the swap
+            # is the same operation whatever the device (and testable on a CPU).
+            _set_slot(slot, t.to(self.device, non_blocking=True, copy=True))
 
 
 class _StreamOut:
-    def __init__(self, slots):
-        self.slots = slots
+    def __init__(self, stream_in: _StreamIn):
+        self.stream_in = stream_in
 
+    @torch.compiler.disable
     def __call__(self, module, args, output):
         # Back to the host tensors; the device copies are freed once the queued kernels no longer need them.
-        for slot, t in zip(self.slots, module._stream_in.at_rest):
+        for slot, t in zip(self.stream_in.slots, self.stream_in.at_rest):
             _set_slot(slot, t)
         return output
 
@@ -562,7 +574,7 @@ class AnimaDiT(nn.Module):
             return self._compute_dtype
         w = self.x_embedder.proj[1].weight
         if w.dtype in FP8_DTYPES:
-            return torch.bfloat16 if w.is_cuda else torch.float32
+            return half_dtype(w.device) if w.is_cuda else torch.float32
         return w.dtype
 
     @compute_dtype.setter
@@ -584,6 +596,9 @@ class AnimaDiT(nn.Module):
         (LoRA merges, undo) happen between forwards and are picked up, since each step copies whatever tensor the
         parameter holds at that moment. Copies go on the current stream, so kernels that use them are ordered after.
         """
+        if getattr(self, "_streaming", False):
+            raise RuntimeError("stream_blocks() was already called on this model")
+        self._streaming = True
         device = torch.device(device)
         pin = device.type == "cuda" and torch.cuda.is_available()
         for name, slot in _tensor_slots(self):
@@ -597,8 +612,10 @@ class AnimaDiT(nn.Module):
             _set_slot(slot, t)
         for block in self.blocks:
             slots = [slot for name, slot in _tensor_slots(block) if not _RESIDENT_IN_STREAMING.search(name)]
-            block.register_forward_pre_hook(_StreamIn(slots, device))
-            block.register_forward_hook(_StreamOut(slots))
+            stream_in = _StreamIn(slots, device)
+            block.register_forward_pre_hook(stream_in)
+            # always_call: a block that raises (out of memory, say) still gives its weights back to the host.
+            block.register_forward_hook(_StreamOut(stream_in), always_call=True)
         self.clear_caches()
 
     # -- conditioning ------------------------------------------------------------------------------------------------
@@ -796,7 +813,7 @@ def load_dit(
     device = torch.device(device)
     store_fp8 = dtype in FP8_DTYPES
     has_fp8 = store_fp8 or any(v.dtype in FP8_DTYPES for v in sd.values())
-    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default = half_dtype(device) if device.type == "cuda" else torch.float32
     compute = default if (store_fp8 or (dtype is None and has_fp8)) else dtype
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
     scales = split_fp8_scales(sd)
@@ -990,8 +1007,11 @@ def load_text_encoder(
         params = infer_qwen_params(sd)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    with torch.device("meta"):
-        model = Qwen3Encoder(params)
+    try:
+        with torch.device("meta"):
+            model = Qwen3Encoder(params)
+    except ValueError as exc:
+        raise CheckpointMismatch(f"{path}: impossible Qwen3 sizes ({exc})") from None
     load_into(model, sd, path, "Qwen3 text-encoder", device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
 
@@ -1220,7 +1240,8 @@ def _ramp(n_px: int, start: bool, end: bool, ramp_px: int) -> torch.Tensor:
 
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # Memory PyTorch's caching allocator holds but does not use is free for the decode too.
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

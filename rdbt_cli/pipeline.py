@@ -48,16 +48,33 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def load_dit_for(path, device: torch.device, dtype_name: str, low_vram: bool = False):
+    """The DiT as `rdbt gen` runs it: `--dtype fp8` stores its linear weights fp8; `--low-vram` on a GPU keeps the
+    blocks in host memory and streams them in one at a time."""
+    dt, keep_fp8 = resolve_dtype(dtype_name, device)
+    stream = low_vram and device.type == "cuda"
+    storage = torch.float8_e4m3fn if dtype_name == "fp8" else dt
+    dit = engine.load_dit(path, device="cpu" if stream else device, dtype=storage, keep_fp8=keep_fp8)
+    if stream:
+        dit.stream_blocks(device)
+    return dit
+
+
+def vae_dtype(dt: torch.dtype) -> torch.dtype:
+    # The Wan VAE overflows in fp16, so an fp16 run decodes in fp32.
+    return torch.float32 if dt == torch.float16 else dt
+
+
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool]:
     """(compute dtype of the DiT and VAE, whether fp8 weights stay fp8 in memory)."""
     if name == "auto":
         if device.type == "cuda":
-            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), True
+            return engine.half_dtype(device), True
         # bf16 where the CPU multiplies bf16 natively (DiT steps and VAE decodes about 2x faster than fp32 on an
         # AVX512-BF16 EPYC, bench/README.md); elsewhere fp32, which emulated bf16 would only slow down.
         return (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), False
     if name == "fp8":
-        return (torch.bfloat16 if device.type == "cuda" else torch.float32), True
+        return (engine.half_dtype(device) if device.type == "cuda" else torch.float32), True
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; valid: auto, fp32, bf16, fp16, fp8")
     return DTYPES[name], False
@@ -85,16 +102,13 @@ class Engine:
         """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt), the
         DiT's blocks are streamed from host memory one at a time on a GPU, and the VAE always decodes in tiles."""
         dev = resolve_device(device)
-        dt, keep_fp8 = resolve_dtype(dtype, dev)
+        dt, _ = resolve_dtype(dtype, dev)
         engine.set_attention_backend(attention)
         t0 = time.perf_counter()
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
         te = engine.load_text_encoder(paths.text_encoder, device="cpu" if low_vram else dev)
-        stream = low_vram and dev.type == "cuda"
-        dit = engine.load_dit(paths.dit, device="cpu" if stream else dev, dtype=dt, keep_fp8=keep_fp8)
-        if stream:
-            dit.stream_blocks(dev)
-        vae = engine.load_vae(paths.vae, device=dev, dtype=dt if dt != torch.float16 else torch.float32)
+        dit = load_dit_for(paths.dit, dev, dtype, low_vram)
+        vae = engine.load_vae(paths.vae, device=dev, dtype=vae_dtype(dt))
         eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths,
                   low_vram=low_vram)
         eng.timings["load_s"] = time.perf_counter() - t0
@@ -146,11 +160,10 @@ class Result:
     timings: dict
 
 
-def _model_fn(dit):
-    def fn(x, sigma, context):
-        return dit(x, sigma, context)
-
-    return fn
+def _sync(device: torch.device) -> None:
+    # Timings on a GPU must wait for the queued work; one sync per phase, none inside the step loop after step 1.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -159,21 +172,24 @@ def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback
     t0 = time.perf_counter()
     cond = eng.encode(gen.prompt)
     uncond = None if math.isclose(gen.cfg, 1.0) else eng.encode(gen.negative or "")
+    _sync(eng.device)
     t_text = time.perf_counter()
     sigmas = sampling.get_sigmas(gen.scheduler, gen.steps, shift=gen.shift).to(eng.device)
     shape = (1, 16, 1, gen.height // 8, gen.width // 8)
     # Noise from a CPU generator: the same seed gives the same starting point on any device, as in ComfyUI.
     x = sampling.prepare_latent(seed, torch.zeros(shape), sigmas).to(eng.device)
-    denoiser = sampling.CFGDenoiser(_model_fn(eng.dit), cond, uncond, gen.cfg)
+    denoiser = sampling.CFGDenoiser(eng.dit, cond, uncond, gen.cfg)
     first_step = {}
 
     def on_step(info):
         if "t" not in first_step:
+            _sync(eng.device)
             first_step["t"] = time.perf_counter()
         if callback is not None:
             callback(info)
 
     x = sampling.sample(gen.sampler, denoiser, x, sigmas, seed=seed, callback=on_step, shift=gen.shift)
+    _sync(eng.device)
     t_sample = time.perf_counter()
     z = engine.latent_to_vae(x.float())
     img = eng.vae.decode(z, tiled=True if eng.low_vram else None)

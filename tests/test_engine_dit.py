@@ -474,3 +474,25 @@ def test_streamed_blocks_see_a_weight_swapped_between_forwards(tiny_file):
         layer.weight.data = original  # and its undo
         after = model(x, t, ctx)
     assert not torch.equal(before, patched) and torch.equal(before, after)
+
+
+def test_streaming_keeps_cross_attention_kv_resident_and_survives_a_failing_block(tiny_file):
+    model = load_dit(tiny_file, dtype=torch.float32)
+    model.stream_blocks("cpu")
+    with pytest.raises(RuntimeError, match="already"):
+        model.stream_blocks("cpu")
+    block = model.blocks[0]
+    k_rest, mlp_rest = block.cross_attn.k_proj.weight.data_ptr(), block.mlp.layer1.weight.data_ptr()
+    seen = {}
+
+    def spy(module, args, output):
+        seen["k"], seen["mlp"] = block.cross_attn.k_proj.weight.data_ptr(), block.mlp.layer1.weight.data_ptr()
+        raise MemoryError("simulated out of memory inside the block")
+
+    handle = block.mlp.register_forward_hook(spy)
+    x, t, ctx = _inputs()
+    with torch.inference_mode(), pytest.raises(MemoryError):
+        model(x, t, ctx)
+    handle.remove()
+    assert seen["k"] == k_rest and seen["mlp"] != mlp_rest  # K/V projections resident, the MLP streamed in
+    assert block.mlp.layer1.weight.data_ptr() == mlp_rest  # and given back although the block raised

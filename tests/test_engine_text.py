@@ -158,3 +158,17 @@ def test_golden_text_encoder_reproduces_comfyui():
         assert np.abs(hidden - expected).max() <= 1e-4, prompt
         assert np.array_equal(np.asarray(t.t5_ids), np.load(shared_path("golden", cond["t5_ids"])))
         assert np.array_equal(np.asarray(t.t5_weights, np.float32), np.load(shared_path("golden", cond["t5_weights"])))
+
+
+def test_impossible_head_counts_are_a_checkpoint_error(tmp_path):
+    from rdbt_cli.errors import CheckpointMismatch
+
+    sd = tiny_qwen_state_dict()
+    # 3 kv heads of 32 for 4 query heads: no grouping fits, so the file cannot be a Qwen3 encoder.
+    for i in range(TINY_QWEN.num_layers):
+        for name in ("k_proj", "v_proj"):
+            sd[f"model.layers.{i}.self_attn.{name}.weight"] = torch.zeros(96, TINY_QWEN.hidden_size, dtype=torch.bfloat16)
+    path = tmp_path / "bad_te.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointMismatch, match="bad_te.safetensors"):
+        load_text_encoder(path)

@@ -76,3 +76,12 @@ def test_unknown_device_and_dtype_are_config_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="cuda"):
             pipeline.resolve_device("cuda")
+
+
+def test_fp8_dtype_stores_the_dit_linears_in_fp8():
+    from rdbt_cli.tiny import ensure_tiny_models
+
+    dit = pipeline.load_dit_for(ensure_tiny_models().dit, torch.device("cpu"), "fp8")
+    assert dit.blocks[0].mlp.layer1.weight.dtype == torch.float8_e4m3fn
+    assert dit.t_embedder[1].linear_1.weight.dtype == torch.float32  # timestep embedder kept in high precision
+    assert dit.compute_dtype == torch.float32
