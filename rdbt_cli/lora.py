@@ -551,6 +551,8 @@ def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch, sc
         new, new_scale = _to_fp8(new, original.dtype, f"{target}.{pname}", rescale=scale_owner)
     else:
         new, new_scale = new.to(original.dtype, copy=True), None  # copy: never keep a scratch buffer
+    if original.device.type == "cpu" and original.is_pinned():
+        new = new.pin_memory()  # a streamed block's weights stay pinned, so their uploads stay asynchronous
     patch._saved.append((module, attr, original, scale_owner, old_scale))
     param.data = new
     if scale_owner:
