@@ -780,9 +780,10 @@ def inspect(
 @friendly_errors
 def models(
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).")] = None,
+    hash_files: Annotated[bool, typer.Option("--hash", help="Hash files not hashed before (slow once per file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ):
-    """List the model files rdbt finds, with component type, size and short hash."""
+    """List the model files rdbt finds, with component type, size and short hash (AutoV2, as Civitai shows)."""
     from rdbt_cli import discovery
 
     dirs = list(_models_dirs(models_dir))
@@ -792,6 +793,11 @@ def models(
             "or fetch the official files with `rdbt download`"
         )
     items = discovery.inventory(dirs)
+    if hash_files:
+        from dataclasses import replace
+
+        items = [replace(i, hash=discovery.file_hashes(i.path)["autov2"]) if i.supported and not i.hash else i
+                 for i in items]
     if as_json:
         typer.echo(json.dumps([_info_dict(i, dirs) for i in items], ensure_ascii=False, indent=1))
         return

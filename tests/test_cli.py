@@ -424,3 +424,31 @@ def test_presets_json_and_a_preset_that_picks_the_tiny_model(tmp_path):
     assert json.loads(Image.open(first).info["rdbt"])["model"]["name"] == "tiny"
     r = run("gen", "--from", first, "--out", tmp_path / "q.png", "--quiet")
     assert r.exit_code == 0 and np.array_equal(pixels(first), pixels(tmp_path / "q.png"))
+
+
+def test_models_hash_fills_the_short_hash_column(tmp_path):
+    import hashlib
+
+    models = _golden_models(tmp_path)
+    rows = json.loads(run("models", "--models-dir", models, "--hash", "--json").output)
+    vae = next(row for row in rows if row["kind"] == "vae")
+    assert vae["hash"] == hashlib.sha256(Path(vae["path"]).read_bytes()).hexdigest()[:10]
+
+
+def test_no_prompt_and_interrupt_and_partial_inspect(tmp_path, monkeypatch):
+    assert_one_line_error(run("gen", "--model", "tiny", "--out", tmp_path), "prompt")
+    from rdbt_cli import pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "generate", interrupted)
+    r = run("gen", "x", "--out", tmp_path, *TINY)
+    assert r.exit_code == 130 and "interrupted" in r.output
+    monkeypatch.undo()
+    good = tmp_path / "good.png"
+    assert run("gen", "x", "--seed", 1, "--out", good, *TINY).exit_code == 0
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"nope")
+    r = run("inspect", good, junk)
+    assert r.exit_code == 1 and "junk.png" in r.output and "seed:" in r.output
