@@ -20,3 +20,18 @@ def test_quick_start_has_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert _readme_commands()[1] in ci.splitlines()
+
+
+def test_the_main_job_command_runs(tmp_path):
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("rdbt") is None:
+        import pytest
+
+        pytest.skip("the rdbt entry point is not on PATH (package not installed)")
+    main_job = _readme_commands()[0].split("&&", 1)[1].strip()  # the part after the install
+    r = subprocess.run(shlex.split(main_job), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "out").glob("*.png"))
