@@ -322,7 +322,7 @@ def _component_record(path: Path) -> dict:
 
 def _make_recipe(gen: GenParams, seed: int, index: int, paths, loras, preset, load: LoadParams, engine) -> dict:
     lora_recs = []
-    for path, weight, spec in loras:
+    for path, weight, _ in loras:
         hs = _hashes.get(path)
         lora_recs.append({"name": Path(path).stem, "file": Path(path).name, "path": str(Path(path).resolve()),
                           "weight": weight, "hash": hs.get("autov2"), "a1111_hash": hs.get("a1111_lora")})

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from rdbt_cli.config import user_dir
-from rdbt_cli.errors import CheckpointError, ConfigError, TokenizerNotFound
+from rdbt_cli.errors import CheckpointError, ConfigError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # Keys that some Cosmos-derived files carry but that are recomputed, never parameters (anima.md §1.1).

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from conftest import shared_path
 from rdbt_cli import discovery
 from rdbt_cli.discovery import FileInfo, classify, file_hashes, models_dirs, resolve_component
-from rdbt_cli.errors import CheckpointError, ConfigError, RdbtError, TokenizerNotFound
+from rdbt_cli.errors import CheckpointError, ConfigError, RdbtError
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I64": 8}
 
