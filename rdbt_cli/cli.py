@@ -19,7 +19,9 @@ from typing import Annotated, Optional
 import typer
 
 from rdbt_cli import __version__
-from rdbt_cli.config import DEFAULTS, GenParams, LoadParams, LoraSpec, SAMPLER_NAMES, SCHEDULER_NAMES
+from rdbt_cli.config import (
+    ATTENTION_BACKENDS, DEFAULTS, DEVICES, DTYPES, SAMPLER_NAMES, SCHEDULER_NAMES, GenParams, LoadParams, LoraSpec,
+)
 from rdbt_cli.errors import ConfigError, OutputError, RdbtError
 
 app = typer.Typer(
@@ -35,23 +37,10 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Attention(str, Enum):
-    sdpa = "sdpa"
-    xformers = "xformers"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp8 = "fp8"
+# Choice types for Typer, built from config's lists so the names live in one place.
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
+DType = Enum("DType", {name: name for name in DTYPES}, type=str)
+Attention = Enum("Attention", {name: name for name in ATTENTION_BACKENDS}, type=str)
 
 
 def _stderr():
@@ -210,7 +199,6 @@ def _overlay(lower: GenParams, upper: GenParams) -> GenParams:
     return GenParams(**vals)
 
 
-@functools.lru_cache(maxsize=1)
 def _models_dirs(flag: Optional[str]) -> tuple[Path, ...]:
     from rdbt_cli import discovery
 

@@ -104,6 +104,7 @@ SAMPLER_NAMES = (
 SCHEDULER_NAMES = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "linear_quadratic")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8")
+ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdbt_cli.config import AdapterParams, DiTParams, QwenParams, VAEParams
+from rdbt_cli.config import ATTENTION_BACKENDS, AdapterParams, DiTParams, QwenParams, VAEParams
 from rdbt_cli.discovery import is_ignored_key, read_safetensors_header, strip_prefix
 from rdbt_cli.errors import CheckpointError, CheckpointMismatch, ConfigError
 
@@ -215,15 +215,14 @@ class Embedding(nn.Embedding):
         return out if dtype is None else out.to(dtype)
 
 
-_ATTENTION_BACKENDS = ("sdpa", "xformers")
 _attention_backend = "sdpa"
 
 
 def set_attention_backend(name: str) -> None:
     """Choose the attention kernel: "sdpa" (PyTorch, default) or "xformers" (used for CUDA tensors only)."""
     global _attention_backend
-    if name not in _ATTENTION_BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(_ATTENTION_BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "xformers" and importlib.util.find_spec("xformers") is None:
         raise ConfigError("attention backend 'xformers' needs the xformers package; pip install xformers or use sdpa")
     _attention_backend = name
