@@ -127,38 +127,26 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
 
 
-def _parse_size(size: Optional[str], width: Optional[int], height: Optional[int]) -> tuple[Optional[int], Optional[int]]:
-    from rdbt_cli.presets import parse_size
-
-    w, h = (None, None)
-    if size is not None:
-        w, h = parse_size(size)
-    w = width if width is not None else w
-    h = height if height is not None else h
-    for name, v in (("width", w), ("height", h)):
-        if v is not None and (v <= 0 or v % 16):
-            raise ConfigError(f"--{name} {v}: must be a positive multiple of 16 (e.g. {max(16, (v // 16) * 16)})")
-    return w, h
-
-
 def _flags_to_gen(prompt, negative, sampler, scheduler, steps, cfg, shift, seed, size, width, height, count, loras):
-    from rdbt_cli.batch import parse_lora_arg
+    """Flags to GenParams, each given value checked by presets.value_problem (the rules presets obey too), so a bad
+    flag stops the command before anything loads."""
+    from dataclasses import fields
 
-    w, h = _parse_size(size, width, height)
-    if sampler is not None and sampler not in SAMPLER_NAMES:
-        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
-    if scheduler is not None and scheduler not in SCHEDULER_NAMES:
-        raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
-    if steps is not None and steps < 1:
-        raise ConfigError(f"--steps {steps}: must be at least 1")
-    if count is not None and count < 1:
-        raise ConfigError(f"--count {count}: must be at least 1")
-    if seed is not None and not (0 <= seed < 2**64):
-        raise ConfigError(f"--seed {seed}: must be between 0 and 2^64-1")
-    return GenParams(
-        prompt=prompt, negative=negative, width=w, height=h, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
+    from rdbt_cli.batch import parse_lora_arg
+    from rdbt_cli.presets import parse_size, value_problem
+
+    w, h = parse_size(size) if size is not None else (None, None)
+    gen = GenParams(
+        prompt=prompt, negative=negative, width=width if width is not None else w,
+        height=height if height is not None else h, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
         scheduler=scheduler, shift=shift, count=count, loras=[parse_lora_arg(s) for s in loras] if loras else None,
     )
+    for f in fields(GenParams):
+        value = getattr(gen, f.name)
+        problem = value_problem(f.name, value) if value is not None else None
+        if problem:
+            raise ConfigError(f"--{'lora' if f.name == 'loras' else f.name}: {problem}")
+    return gen
 
 
 # The embedded tiny model is for trying the pipeline, so its defaults keep a CPU run to a few seconds.
@@ -926,11 +914,12 @@ def bench(
 ):
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
     from rdbt_cli import bench as bench_mod
-    from rdbt_cli.presets import parse_size
+    from rdbt_cli import presets
 
-    if sampler not in SAMPLER_NAMES:
-        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
-    w, h = parse_size(size)
+    problem = presets.value_problem("sampler", sampler) or presets.value_problem("scheduler", scheduler)
+    if problem:
+        raise ConfigError(problem)
+    w, h = presets.parse_size(size)
     result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
                            device=device.value, dtype=dtype.value, decode=decode, compile=compile,
                            low_vram=low_vram, attention=attention.value)

@@ -452,3 +452,8 @@ def test_no_prompt_and_interrupt_and_partial_inspect(tmp_path, monkeypatch):
     junk.write_bytes(b"nope")
     r = run("inspect", good, junk)
     assert r.exit_code == 1 and "junk.png" in r.output and "seed:" in r.output
+
+
+def test_bench_rejects_unknown_sampler_and_scheduler():
+    assert_one_line_error(run("bench", "--model", "tiny", "--sampler", "nope"), "nope", "er_sde")
+    assert_one_line_error(run("bench", "--model", "tiny", "--scheduler", "nope"), "nope", "karras")
