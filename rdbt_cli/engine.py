@@ -262,24 +262,37 @@ def _adapter_rope(n: int, head_dim: int, dtype: torch.dtype, device) -> tuple[to
     return cos.to(dtype), sin.to(dtype)
 
 
-class AdapterAttention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int, num_heads: int):
+class _QKNormAttention(nn.Module):
+    """q/k/v projections with per-head RMSNorm on q and k, shared by the LLM adapter and the DiT. The output
+    projection is named as each checkpoint names it (`o_proj` in the adapter, `output_proj` in the DiT)."""
+
+    out_name = ""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        head_dim = query_dim // num_heads
-        self.q_proj = Linear(query_dim, query_dim, bias=False)
-        self.k_proj = Linear(context_dim, query_dim, bias=False)
-        self.v_proj = Linear(context_dim, query_dim, bias=False)
-        self.o_proj = Linear(query_dim, query_dim, bias=False)
-        self.q_norm = RMSNorm(head_dim)
-        self.k_norm = RMSNorm(head_dim)
+        self.q_proj = Linear(dim, dim, bias=False)
+        self.k_proj = Linear(context_dim, dim, bias=False)
+        self.v_proj = Linear(context_dim, dim, bias=False)
+        setattr(self, self.out_name, Linear(dim, dim, bias=False))
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return self.q_norm(self.q_proj(x).view(B, L, self.num_heads, -1))  # (B, L, H, D)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = context.shape
+        k = self.k_norm(self.k_proj(context).view(B, S, self.num_heads, -1))  # (B, S, H, D)
+        return k, self.v_proj(context).view(B, S, self.num_heads, -1)
+
+
+class AdapterAttention(_QKNormAttention):
+    out_name = "o_proj"
 
     def forward(self, x, context, rope_q, rope_k):
-        B, L, _ = x.shape
-        S = context.shape[1]
-        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, -1))  # (B, L, H, D)
-        k = self.k_norm(self.k_proj(context).view(B, S, self.num_heads, -1))
-        v = self.v_proj(context).view(B, S, self.num_heads, -1)
+        q, (k, v) = self.query(x), self.keys_values(context)
         (cq, sq), (ck, sk) = rope_q, rope_k
         q = q * cq[:, None] + _rotate_half(q) * sq[:, None]
         k = k * ck[:, None] + _rotate_half(k) * sk[:, None]
@@ -374,31 +387,20 @@ def apply_rope_split_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-class DiTAttention(nn.Module):
-    def __init__(self, dim: int, context_dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.q_proj = Linear(dim, dim, bias=False)
-        self.k_proj = Linear(context_dim, dim, bias=False)
-        self.v_proj = Linear(context_dim, dim, bias=False)
-        self.output_proj = Linear(dim, dim, bias=False)
-        self.q_norm = RMSNorm(head_dim)
-        self.k_norm = RMSNorm(head_dim)
+class DiTAttention(_QKNormAttention):
+    out_name = "output_proj"
 
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, S, _ = context.shape
-        k = self.k_norm(self.k_proj(context).view(B, S, self.num_heads, -1))
-        v = self.v_proj(context).view(B, S, self.num_heads, -1)
-        return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+        k, v = self.keys_values(context)
+        return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D), the layout the K/V cache keeps
 
     def forward(self, x, rope=None, kv=None):
-        B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, -1))
+        B = x.shape[0]
+        q = self.query(x)
         if kv is None:  # self-attention, with RoPE on q and k
-            k, v = self.key_value(x)
-            q = apply_rope_split_half(q, *rope)
-            k = apply_rope_split_half(k.transpose(1, 2), *rope).transpose(1, 2)
+            k, v = self.keys_values(x)
+            q, k = apply_rope_split_half(q, *rope), apply_rope_split_half(k, *rope)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         else:
             k, v = kv
             if k.shape[0] != B:
@@ -954,14 +956,6 @@ class Qwen3Encoder(nn.Module):
         return self.norm(x)
 
 
-def _count_indices(keys, pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    if found != set(range(len(found))):
-        raise CheckpointError(f"layer indices are not contiguous: {sorted(found)}")
-    return len(found)
-
-
 def infer_qwen_params(sd: dict) -> QwenParams:
     """Sizes from tensor shapes (prefix already stripped). `sd` may hold tensors or anything with a `.shape`."""
     try:
@@ -973,7 +967,7 @@ def infer_qwen_params(sd: dict) -> QwenParams:
     except KeyError as exc:
         raise CheckpointError(f"not a Qwen3 text encoder (no {exc.args[0]})") from None
     return QwenParams(
-        vocab_size=int(vocab), hidden_size=int(hidden), num_layers=_count_indices(sd, r"layers\.(\d+)\."),
+        vocab_size=int(vocab), hidden_size=int(hidden), num_layers=_count_indexed(sd, "layers."),
         num_heads=int(q_rows) // int(head_dim), num_kv_heads=int(k_rows) // int(head_dim), head_dim=int(head_dim),
         intermediate_size=int(inter),
     )

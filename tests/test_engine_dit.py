@@ -496,3 +496,13 @@ def test_streaming_keeps_cross_attention_kv_resident_and_survives_a_failing_bloc
     handle.remove()
     assert seen["k"] == k_rest and seen["mlp"] != mlp_rest  # K/V projections resident, the MLP streamed in
     assert block.mlp.layer1.weight.data_ptr() == mlp_rest  # and given back although the block raised
+
+
+def test_a_missing_block_is_a_checkpoint_error(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k.replace("net.blocks.1.", "net.blocks.5."): v for k, v in tiny_dit_state_dict().items()}
+    path = tmp_path / "holes.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="holes.safetensors.*contiguous"):
+        load_dit(path)

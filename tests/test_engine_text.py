@@ -172,3 +172,15 @@ def test_impossible_head_counts_are_a_checkpoint_error(tmp_path):
     save_file(sd, str(path))
     with pytest.raises(CheckpointMismatch, match="bad_te.safetensors"):
         load_text_encoder(path)
+
+
+def test_a_missing_middle_layer_is_a_checkpoint_error(tmp_path):
+    from rdbt_cli.config import QwenParams
+
+    params = QwenParams(**{**vars(TINY_QWEN), "num_layers": 3})
+    sd = {k.replace("model.layers.1.", "model.layers.9."): v for k, v in tiny_qwen_state_dict(params).items()
+          if not k.startswith("model.layers.2.")}
+    path = tmp_path / "holes.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="holes.safetensors.*contiguous"):
+        load_text_encoder(path)
