@@ -154,7 +154,7 @@ TINY_DEFAULTS = GenParams(width=256, height=256, steps=12)
 
 
 def _resolve_gen(flags: GenParams, preset_name: Optional[str], no_stack: bool, base: Optional[GenParams] = None,
-                 model_flag: Optional[str] = None):
+                 model_flag: Optional[str] = None, cache: Optional[dict] = None):
     """defaults < (recipe of --from) < preset < persistent LoRA stack < explicit flags.
 
     Returns (GenParams, preset, model name): the model is the flag's, else the preset's; the tiny model brings its
@@ -164,9 +164,15 @@ def _resolve_gen(flags: GenParams, preset_name: Optional[str], no_stack: bool, b
 
     from rdbt_cli import lora_stack, presets
 
-    preset = presets.load_preset(preset_name) if preset_name else None
+    # `cache` lets a batch read the stack file and each preset once, not once per line.
+    cache = {} if cache is None else cache
+    if preset_name and ("preset", preset_name) not in cache:
+        cache["preset", preset_name] = presets.load_preset(preset_name)
+    preset = cache["preset", preset_name] if preset_name else None
     model_name = presets.resolve_model(preset, model_flag)
-    stack = [] if no_stack else lora_stack.load_stack()
+    if "stack" not in cache:
+        cache["stack"] = [] if no_stack else lora_stack.load_stack()
+    stack = cache["stack"]
     defaults = _overlay(DEFAULTS, TINY_DEFAULTS) if model_name == "tiny" else DEFAULTS
     if base is not None:
         for f in fields(GenParams):  # a recipe read from a PNG is user input too
@@ -576,12 +582,13 @@ def batch(
     bid = batch_mod.batch_id(text + "\0" + json.dumps(settings, default=str, sort_keys=True))
     failures: dict[int, str] = {line.lineno: line.error for line in lines if line.error}
     resolved: dict[int, tuple] = {}
+    cache: dict = {}
     for line in lines:
         if line.error:
             continue
         try:
             g, p, m = _resolve_gen(batch_mod.merge_flags(base, line.overrides), line.preset or preset, no_stack,
-                                   model_flag=model)
+                                   model_flag=model, cache=cache)
             if g.seed is None:
                 g.seed = batch_mod.line_seed(bid, line.lineno)
             resolved[line.lineno] = (g, p, m)
@@ -620,7 +627,7 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
     if load.model != "tiny":
         _hashes.start(paths.dit, paths.text_encoder, paths.vae)
     eng = Engine.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram, attention=load.attention)
-    made, current_stack, identities = 0, None, {load.model: loaded}
+    made, current_stack, identities, lora_files = 0, None, {load.model: loaded}, {}
     with batch_mod.Manifest(out_dir, bid, rank) as manifest, _Progress(len(jobs), 0, quiet) as bar:
         for job in jobs:
             if job.lineno in failures:
@@ -643,7 +650,10 @@ def _run_batch_jobs(jobs, resolved, failures, load, out_dir, bid, rank, allow_un
                 manifest.add(job, f"{stem}.png", s)
                 continue
             try:
-                loras = _resolve_loras(g.loras or [], load, paths)
+                key = tuple(g.loras or ())
+                if key not in lora_files:  # resolve each line's stack once, not once per image
+                    lora_files[key] = _resolve_loras(list(key), load, paths)
+                loras = lora_files[key]
                 stack = [(path, w) for path, w, _ in loras]
                 if stack != current_stack:
                     patch = eng.set_loras(stack, allow_unmatched=allow_unmatched)
