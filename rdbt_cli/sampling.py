@@ -334,6 +334,15 @@ class BrownianTreeNoiseSampler:
 # Helpers shared by the samplers
 
 
+def _t_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    # k-diffusion's t = -log(sigma), the time of DPM-Solver++ and RES
+    return sigma.log().neg()
+
+
+def _sigma_of_t(t: torch.Tensor) -> torch.Tensor:
+    return t.neg().exp()
+
+
 def _half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
     # lambda = log(alpha / sigma) = -logit(sigma) for CONST models
     return sigma.logit().neg()
@@ -396,25 +405,19 @@ def sample_dpmpp_2m(model: Denoiser, x, sigmas, *, callback=None, noise_sampler=
     """k-diffusion sample_dpmpp_2m: DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095) in t = -log sigma."""
     s_in = x.new_ones([x.shape[0]])
 
-    def sigma_fn(t):
-        return t.neg().exp()
-
-    def t_fn(sigma):
-        return sigma.log().neg()
-
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
-        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        t, t_next = _t_of_sigma(sigmas[i]), _t_of_sigma(sigmas[i + 1])
         h = t_next - t
-        # sigma_fn(t_next) / sigma_fn(t), not sigmas[i+1] / sigmas[i]: they differ in the last bit on some steps
+        # _sigma_of_t(t_next) / _sigma_of_t(t), not sigmas[i+1] / sigmas[i]: they differ in the last bit on some steps
         if old_denoised is None or sigmas[i + 1] == 0:
-            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+            x = (_sigma_of_t(t_next) / _sigma_of_t(t)) * x - (-h).expm1() * denoised
         else:
-            h_last = t - t_fn(sigmas[i - 1])
+            h_last = t - _t_of_sigma(sigmas[i - 1])
             r = h_last / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+            x = (_sigma_of_t(t_next) / _sigma_of_t(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
         _emit(callback, i, sigmas[i], x, denoised)
     return x
@@ -532,12 +535,6 @@ def sample_res_multistep(model: Denoiser, x, sigmas, *, callback=None, noise_sam
     """ComfyUI sample_res_multistep (eta 0): RES second-order multistep (Zhang et al., arXiv 2308.02157)."""
     s_in = x.new_ones([x.shape[0]])
 
-    def sigma_fn(t):
-        return t.neg().exp()
-
-    def t_fn(sigma):
-        return sigma.log().neg()
-
     def phi1_fn(t):
         return torch.expm1(t) / t
 
@@ -553,14 +550,14 @@ def sample_res_multistep(model: Denoiser, x, sigmas, *, callback=None, noise_sam
             d = (x - denoised) / sigmas[i]
             x = x + d * (sigma_down - sigmas[i])
         else:
-            t, t_old = t_fn(sigmas[i]), t_fn(old_sigma_down)
-            t_next, t_prev = t_fn(sigma_down), t_fn(sigmas[i - 1])
+            t, t_old = _t_of_sigma(sigmas[i]), _t_of_sigma(old_sigma_down)
+            t_next, t_prev = _t_of_sigma(sigma_down), _t_of_sigma(sigmas[i - 1])
             h = t_next - t
             c2 = (t_prev - t_old) / h
             phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
             b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
             b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
-            x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+            x = _sigma_of_t(h) * x + h * (b1 * denoised + b2 * old_denoised)
         # ComfyUI draws here and multiplies by sigma_up = 0: the draw is consumed, x does not change
         if sigmas[i + 1] > 0 and noise_sampler is not None:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
