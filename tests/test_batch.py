@@ -216,3 +216,26 @@ def test_torchrun_env():
     for bad in ({"WORLD_SIZE": "2", "RANK": "2"}, {"WORLD_SIZE": "x"}, {"WORLD_SIZE": "0"}):
         with pytest.raises(ConfigError, match="WORLD_SIZE"):
             torchrun_env(bad)
+
+
+def test_batch_source_errors_name_the_file(tmp_path):
+    from rdbt_cli.batch import read_batch_source
+    from rdbt_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        read_batch_source(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match="is a folder"):
+        read_batch_source(tmp_path)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8"):
+        read_batch_source(latin)
+
+
+def test_manifest_in_an_unwritable_place_is_an_output_error(tmp_path):
+    from rdbt_cli.errors import OutputError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="manifest"):
+        Manifest(blocker / "out", "abc", 0)
