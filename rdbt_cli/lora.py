@@ -19,41 +19,193 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from rdbt_cli.discovery import PICKLE_SUFFIXES
+from rdbt_cli.discovery import PICKLE_SUFFIXES, file_hashes, read_safetensors_header
 from rdbt_cli.errors import CheckpointError, LoraError
 
+# engine.py has the same tuple; lora sits below engine in the import layers, so it cannot take it from there.
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-# File-key suffix -> role, for every adapter tensor ComfyUI recognises plus PEFT's DoRA magnitude (formats.md §2.1).
-# Matched longest first, so ".lora_B.default.weight" wins over ".weight"-less forms.
-_SUFFIX_ROLES = {
-    ".lora_up.weight": "up", ".lora_down.weight": "down",
-    ".lora_B.weight": "up", ".lora_A.weight": "down",
-    ".lora_B": "up", ".lora_A": "down",
-    ".lora_B.default.weight": "up", ".lora_A.default.weight": "down",
-    ".lora.up.weight": "up", ".lora.down.weight": "down",
-    "_lora.up.weight": "up", "_lora.down.weight": "down",
-    ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
-    ".alpha": "alpha",
-    ".dora_scale": "dora_scale",
-    ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
-    ".lora_magnitude_vector.default": "magnitude", ".lora_magnitude_vector.default.weight": "magnitude",
-    ".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a", ".hada_w2_b": "hada_w2_b",
-    ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
-    ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b",
-    ".diff": "diff", ".diff_b": "diff_b",
-    # Recognised so the error can name them; rdbt does not merge these (conv-only Tucker forms, OFT, GLoRA, ...).
-    ".lora_mid.weight": "unsupported:Tucker LoRA (lora_mid)", ".hada_t1": "unsupported:Tucker LoHa (hada_t1)",
-    ".hada_t2": "unsupported:Tucker LoHa (hada_t2)", ".lokr_t2": "unsupported:Tucker LoKr (lokr_t2)",
-    ".oft_blocks": "unsupported:OFT/BOFT", ".rescale": "unsupported:OFT/BOFT",
-    ".a1.weight": "unsupported:GLoRA", ".a2.weight": "unsupported:GLoRA", ".b1.weight": "unsupported:GLoRA",
-    ".b2.weight": "unsupported:GLoRA", ".w_norm": "unsupported:norm diff (w_norm)",
-    ".b_norm": "unsupported:norm diff (b_norm)", ".set_weight": "unsupported:set_weight",
-    ".reshape_weight": "unsupported:reshape_weight",
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kinds
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _f32(t: dict[str, torch.Tensor], role: str, device) -> torch.Tensor:
+    return t[role].to(device, torch.float32)  # fp32: ComfyUI's intermediate dtype on CPU
+
+
+def _scale(t: dict[str, torch.Tensor], rank: int | None) -> float:
+    """alpha / rank; 1 without an alpha key or a rank (comfy/weight_adapter/*.py)."""
+    alpha = t.get("alpha")
+    return float(alpha.item()) / rank if alpha is not None and rank is not None else 1.0
+
+
+class Kind:
+    """One adapter type (formats.md §2.1, §2.4): the file-key suffixes it owns, the roles a module needs, and its ΔW.
+
+    Registered in KINDS, which the parser and the merger both read; adding a type is one subclass there. Every kind is
+    additive (W + s·scale·ΔW), so a stack of them is order-independent.
+    """
+
+    name: str
+    suffixes: dict[str, str]  # file-key suffix -> role
+    needs: tuple[str, ...] = ()
+
+    def complete(self, roles) -> bool:
+        return all(r in roles for r in self.needs)
+
+    def shape(self, t: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+        """ΔW's shape, compared with the parameter's `model_shape` before any merge; None if it changes no weight."""
+        raise NotImplementedError
+
+    def model_shape(self, shape: torch.Size) -> tuple[int, ...]:
+        return (shape[0], math.prod(shape[1:]))
+
+    def delta(self, t: dict[str, torch.Tensor], device, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """(ΔW in fp32, 2-D or the parameter's shape; scale) as ComfyUI computes them. A kind may write ΔW into `out`
+        (fp32, contiguous, the parameter's numel, on `device`) to save an allocation."""
+        raise NotImplementedError
+
+
+class LoRA(Kind):
+    name = "lora"
+    suffixes = {
+        ".lora_up.weight": "up", ".lora_down.weight": "down",
+        ".lora_B.weight": "up", ".lora_A.weight": "down",
+        ".lora_B": "up", ".lora_A": "down",
+        ".lora_B.default.weight": "up", ".lora_A.default.weight": "down",
+        ".lora.up.weight": "up", ".lora.down.weight": "down",
+        "_lora.up.weight": "up", "_lora.down.weight": "down",
+        ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+    }
+    needs = ("up", "down")
+
+    def shape(self, t):
+        return (t["up"].shape[0], math.prod(t["down"].shape[1:]))
+
+    def delta(self, t, device, out=None):
+        down = _f32(t, "down", device)
+        scale = _scale(t, down.shape[0])  # rank = rows of down (comfy/weight_adapter/lora.py)
+        up, down = _f32(t, "up", device).flatten(1), down.flatten(1)
+        if out is not None:
+            return torch.mm(up, down, out=out.view(up.shape[0], down.shape[1])), scale
+        return torch.mm(up, down), scale
+
+
+class LoHa(Kind):
+    name = "loha"
+    suffixes = {f".hada_w{i}_{j}": f"hada_w{i}_{j}" for i in (1, 2) for j in "ab"}
+    needs = tuple(suffixes.values())
+
+    def shape(self, t):
+        return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1])
+
+    def delta(self, t, device, out=None):
+        w1 = torch.mm(_f32(t, "hada_w1_a", device), _f32(t, "hada_w1_b", device))
+        w2 = torch.mm(_f32(t, "hada_w2_a", device), _f32(t, "hada_w2_b", device))
+        return w1 * w2, _scale(t, t["hada_w1_b"].shape[0])
+
+
+class LoKr(Kind):
+    """Each Kronecker factor is stored full (`lokr_wN`) or as a product (`lokr_wN_a` @ `lokr_wN_b`)."""
+
+    name = "lokr"
+    suffixes = {f".lokr_w{i}{p}": f"lokr_w{i}{p}" for i in (1, 2) for p in ("", "_a", "_b")}
+
+    def complete(self, roles):
+        return all(f"lokr_w{i}" in roles or (f"lokr_w{i}_a" in roles and f"lokr_w{i}_b" in roles) for i in (1, 2))
+
+    def shape(self, t):
+        (r1, *c1), (r2, *c2) = (t[f"lokr_w{i}"].shape if f"lokr_w{i}" in t else
+                                (t[f"lokr_w{i}_a"].shape[0], t[f"lokr_w{i}_b"].shape[1]) for i in (1, 2))
+        return (r1 * r2, math.prod(c1) * math.prod(c2))
+
+    def delta(self, t, device, out=None):
+        rank = None
+        factors = []
+        for i in (1, 2):  # with both factorised, w2's rank wins (lokr.py:297-313)
+            if f"lokr_w{i}" in t:
+                factors.append(_f32(t, f"lokr_w{i}", device))
+            else:
+                rank = t[f"lokr_w{i}_b"].shape[0]
+                factors.append(torch.mm(_f32(t, f"lokr_w{i}_a", device), _f32(t, f"lokr_w{i}_b", device)))
+        # α/r only when a factor is factorised; with both full, alpha is ignored even when stored (§2.4 pitfall)
+        return torch.kron(factors[0].flatten(1), factors[1].flatten(1)), _scale(t, rank)
+
+
+class Diff(Kind):
+    """A stored full delta of the weight (`diff`, any shape) and/or of the bias (`diff_b`)."""
+
+    name = "diff"
+    suffixes = {".diff": "diff", ".diff_b": "diff_b"}
+
+    def shape(self, t):
+        return tuple(t["diff"].shape) if "diff" in t else None
+
+    def model_shape(self, shape):
+        return tuple(shape)
+
+    def delta(self, t, device, out=None):
+        return _f32(t, "diff", device), 1.0  # may be the stored tensor itself: never scale it in place
+
+
+class DoRA:
+    """Weight decomposition on top of any kind: W_c = (W + scale·ΔW)·m/‖·‖, then W + s·(W_c − W)
+    (ComfyUI weight_adapter/base.py::weight_decompose). It sees the current weight, so it depends on stack order.
+
+    `dora_scale` follows ComfyUI: one entry per output row → norms of the weight before this patch, else column norms
+    of the updated weight. PEFT's `lora_magnitude_vector` (ignored by ComfyUI) follows PEFT: row norms of the updated
+    weight, no epsilon.
+    """
+
+    suffixes = {
+        ".dora_scale": "dora_scale",
+        ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+        ".lora_magnitude_vector.default": "magnitude", ".lora_magnitude_vector.default.weight": "magnitude",
+    }
+
+    def present(self, t: dict[str, torch.Tensor]) -> bool:
+        return "dora_scale" in t or "magnitude" in t
+
+    def apply(self, w: torch.Tensor, delta: torch.Tensor, scale: float, strength: float,
+              t: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = w.shape[0]
+        wc = w + scale * delta
+        w2, wc2 = w.reshape(out, -1), wc.reshape(out, -1)
+        if "magnitude" in t:
+            mag = _f32(t, "magnitude", w.device).reshape(out, 1)
+            wc2 = wc2 * (mag / wc2.norm(dim=1, keepdim=True))
+        else:
+            mag = _f32(t, "dora_scale", w.device)
+            eps = torch.finfo(torch.float32).eps
+            if mag.shape[0] == out:
+                wc2 = wc2 * (mag.reshape(out, 1) / (w2.norm(dim=1, keepdim=True) + eps))
+            else:
+                wc2 = wc2 * (mag.reshape(1, -1) / (wc2.norm(dim=0, keepdim=True) + eps))
+        wc = wc2.reshape(w.shape)
+        return wc if strength == 1.0 else w + strength * (wc - w)
+
+
+KINDS: tuple[Kind, ...] = (LoRA(), LoHa(), LoKr(), Diff())  # a module holding roles of several is the first listed
+DORA = DoRA()
+
+# Recognised so the error can name them; rdbt does not merge these (conv-only Tucker forms, OFT, GLoRA, ...).
+_UNSUPPORTED = {
+    ".lora_mid.weight": "Tucker LoRA (lora_mid)", ".hada_t1": "Tucker LoHa (hada_t1)",
+    ".hada_t2": "Tucker LoHa (hada_t2)", ".lokr_t2": "Tucker LoKr (lokr_t2)",
+    ".oft_blocks": "OFT/BOFT", ".rescale": "OFT/BOFT",
+    ".a1.weight": "GLoRA", ".a2.weight": "GLoRA", ".b1.weight": "GLoRA", ".b2.weight": "GLoRA",
+    ".w_norm": "norm diff (w_norm)", ".b_norm": "norm diff (b_norm)", ".set_weight": "set_weight",
+    ".reshape_weight": "reshape_weight",
 }
-_SUFFIXES = sorted(_SUFFIX_ROLES, key=len, reverse=True)
+# File-key suffix -> role, for every adapter tensor ComfyUI recognises plus PEFT's DoRA magnitude (formats.md §2.1).
+_ROLES = {s: r for unit in (*KINDS, DORA) for s, r in unit.suffixes.items()} | {".alpha": "alpha"}
+# Longest first, so no suffix shadows a longer one that ends with it.
+_SUFFIXES = sorted([*_ROLES, *_UNSUPPORTED], key=len, reverse=True)
 
 # Anima name -> diffusers/ai-toolkit Cosmos name, one row per module, {} = block index
 # (formats.md §2.6, anima.md §6.1).
@@ -169,30 +321,18 @@ class LoraModule:
     """The tensors one file holds for one target module, by role (up, down, alpha, lokr_w1, diff, ...)."""
 
     base: str
+    kind: Kind
     tensors: dict[str, torch.Tensor]
     peft_style: bool = False  # lora_A/lora_B rather than lora_down/lora_up
 
     @property
-    def kind(self) -> str:
-        t = self.tensors
-        if "up" in t or "down" in t:
-            return "lora"
-        if any(r.startswith("hada_") for r in t):
-            return "loha"
-        if any(r.startswith("lokr_") for r in t):
-            return "lokr"
-        if "diff" in t or "diff_b" in t:
-            return "diff"
-        return "incomplete"
-
-    @property
     def dora(self) -> bool:
-        return "dora_scale" in self.tensors or "magnitude" in self.tensors
+        return DORA.present(self.tensors)
 
     @property
-    def alpha(self) -> float | None:
-        a = self.tensors.get("alpha")
-        return None if a is None else float(a.item())
+    def bias(self) -> torch.Tensor | None:
+        """A bias delta: ComfyUI merges `diff_b` whatever the module's kind (comfy/lora.py::load_lora)."""
+        return self.tensors.get("diff_b")
 
     @property
     def naming(self) -> str:
@@ -210,63 +350,10 @@ class LoraModule:
     def format(self) -> str:
         """e.g. 'kohya lora', 'comfyui peft lora' (diffusion-pipe), 'comfyui peft lora+alpha' (kohya hybrid),
         'lycoris lokr', 'diffusers peft lora dora'."""
-        kind = self.kind
-        if kind == "lora" and self.peft_style:
-            kind = "peft lora" + ("+alpha" if self.alpha is not None else "")
+        kind = self.kind.name
+        if self.peft_style:
+            kind = "peft lora" + ("+alpha" if "alpha" in self.tensors else "")
         return f"{self.naming} {kind}" + (" dora" if self.dora else "")
-
-    def delta_shape(self) -> tuple[int, ...]:
-        """The 2-D (rows, columns) shape of the delta, or the full shape of a `diff`; checked before any merge."""
-        t = self.tensors
-        kind = self.kind
-        if kind == "lora":
-            return (t["up"].shape[0], math.prod(t["down"].shape[1:]))
-        if kind == "loha":
-            return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1])
-        if kind == "lokr":
-            w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-            w2 = t["lokr_w2"].shape if "lokr_w2" in t else (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
-            return (w1[0] * w2[0], math.prod(w1[1:]) * math.prod(w2[1:]))
-        return tuple(t["diff"].shape) if "diff" in t else ()
-
-    def delta(self, device=None, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
-        """(ΔW in fp32 as 2-D rows x columns, or the diff's own shape; alpha scale) as ComfyUI computes them.
-
-        `out` (fp32, contiguous, numel of ΔW, on `device`) receives a plain LoRA's product, saving an allocation.
-        """
-        t = self.tensors
-
-        def f(role: str) -> torch.Tensor:
-            return t[role].to(device, torch.float32)  # fp32: ComfyUI's intermediate dtype on CPU
-        alpha = self.alpha
-        kind = self.kind
-        if kind == "lora":
-            down = f("down")
-            # alpha / rank, rank = rows of down; 1 without an alpha key (comfy/weight_adapter/lora.py)
-            scale = alpha / down.shape[0] if alpha is not None else 1.0
-            up, down = f("up").flatten(1), down.flatten(1)
-            if out is not None:
-                return torch.mm(up, down, out=out.view(up.shape[0], down.shape[1])), scale
-            return torch.mm(up, down), scale
-        if kind == "loha":
-            scale = alpha / t["hada_w1_b"].shape[0] if alpha is not None else 1.0
-            return torch.mm(f("hada_w1_a"), f("hada_w1_b")) * torch.mm(f("hada_w2_a"), f("hada_w2_b")), scale
-        if kind == "lokr":
-            rank = None
-            if "lokr_w1" in t:
-                w1 = f("lokr_w1")
-            else:
-                rank = t["lokr_w1_b"].shape[0]
-                w1 = torch.mm(f("lokr_w1_a"), f("lokr_w1_b"))
-            if "lokr_w2" in t:
-                w2 = f("lokr_w2")
-            else:
-                rank = t["lokr_w2_b"].shape[0]  # with both factorised, w2's rank wins (lokr.py:297-313)
-                w2 = torch.mm(f("lokr_w2_a"), f("lokr_w2_b"))
-            # α/r only when a factor is factorised; with both full, alpha is ignored even when stored (§2.4 pitfall)
-            scale = alpha / rank if (alpha is not None and rank is not None) else 1.0
-            return torch.kron(w1.flatten(1), w2.flatten(1)), scale
-        return (f("diff") if "diff" in t else None), 1.0
 
 
 @dataclass
@@ -300,11 +387,7 @@ class LoraFile:
 
     @cached_property
     def hashes(self) -> dict[str, str]:
-        """{'autov2': ..., 'a1111_lora': ...} from discovery.file_hashes; {} while that function is unavailable."""
-        try:
-            from rdbt_cli.discovery import file_hashes
-        except ImportError:
-            return {}
+        """{'autov2': ..., 'a1111_lora': ...}, cached by discovery.file_hashes."""
         try:
             return dict(file_hashes(self.path))
         except CheckpointError as exc:
@@ -313,10 +396,6 @@ class LoraFile:
 
 def parse_lora_file(path: str | os.PathLike) -> LoraFile:
     """Read a .safetensors LoRA (never a pickle) and group its tensors by target module."""
-    from safetensors import safe_open
-
-    from rdbt_cli.discovery import read_safetensors_header
-
     p = Path(path)
     if not p.exists():
         raise LoraError(f"{p}: LoRA file not found; check the path, or the name in `rdbt lora-stack --list`")
@@ -328,44 +407,37 @@ def parse_lora_file(path: str | os.PathLike) -> LoraFile:
         header, meta = read_safetensors_header(p)
     except CheckpointError as exc:
         raise LoraError(str(exc)) from None
-    groups: dict[str, dict[str, str]] = {}
+    groups: dict[str, dict[str, str]] = {}  # {base name: {role: key}}
     unrecognised = []
     for key in header:
         suffix = next((s for s in _SUFFIXES if key.endswith(s) and len(key) > len(s)), None)
         if suffix is None:
             unrecognised.append(key)
-            continue
-        role = _SUFFIX_ROLES[suffix]
-        base = key[: -len(suffix)]
-        if role.startswith("unsupported:"):
+        elif suffix in _UNSUPPORTED:
             raise LoraError(
-                f"{p}: uses {role.split(':', 1)[1]} (key {key!r}), which rdbt cannot merge; "
+                f"{p}: uses {_UNSUPPORTED[suffix]} (key {key!r}), which rdbt cannot merge; "
                 "use a LoRA/LoHa/LoKr/DoRA/diff file"
             )
-        groups.setdefault(base, {})[role] = key
+        else:
+            groups.setdefault(key[: -len(suffix)], {})[_ROLES[suffix]] = key
+    kinds = {}
+    for base, roles in groups.items():
+        kind = next((k for k in KINDS if any(r in roles for r in k.suffixes.values())), None)
+        if kind is None or not kind.complete(roles):
+            raise LoraError(
+                f"{p}: module {base!r} has only {sorted(roles)} — an incomplete adapter; the file is damaged or "
+                "not a LoRA"
+            )
+        kinds[base] = kind
     modules: dict[str, LoraModule] = {}
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             for base, roles in groups.items():
                 tensors = {role: f.get_tensor(key) for role, key in roles.items()}
                 peft = any(k.endswith(("lora_A.weight", "lora_A", "lora_A.default.weight")) for k in roles.values())
-                modules[base] = LoraModule(base, tensors, peft_style=peft)
+                modules[base] = LoraModule(base, kinds[base], tensors, peft_style=peft)
     except Exception as exc:  # safetensors raises its own types for damaged files
         raise LoraError(f"{p}: could not read tensors ({exc}); download the LoRA again") from None
-    for m in modules.values():
-        t = m.tensors
-        incomplete = (
-            m.kind == "incomplete"
-            or (m.kind == "lora" and not ("up" in t and "down" in t))
-            or (m.kind == "loha" and not all(f"hada_w{i}_{j}" in t for i in (1, 2) for j in "ab"))
-            or (m.kind == "lokr" and not (("lokr_w1" in t or {"lokr_w1_a", "lokr_w1_b"} <= t.keys())
-                                          and ("lokr_w2" in t or {"lokr_w2_a", "lokr_w2_b"} <= t.keys())))
-        )
-        if incomplete:
-            raise LoraError(
-                f"{p}: module {m.base!r} has only {sorted(t)} — an incomplete adapter; the file is damaged or "
-                "not a LoRA"
-            )
     if not modules and not unrecognised:
         raise LoraError(f"{p}: holds no tensors; it is not a LoRA")
     return LoraFile(p, modules, dict(meta), unrecognised)
@@ -386,7 +458,6 @@ class Patch:
 
     patched: dict[str, list[str]] = field(default_factory=dict)  # {target: parameter names changed}
     warnings: list[str] = field(default_factory=list)  # unmatched keys kept with allow_unmatched
-    matched: dict[str, int] = field(default_factory=dict)  # {LoRA path: modules applied}
     _saved: list[tuple[nn.Module, str, torch.Tensor, bool, object]] = field(default_factory=list, repr=False)
 
     @property
@@ -432,9 +503,8 @@ def apply_loras(
     index = _name_index(names)
     params = {t: dict(m.named_parameters()) for t, m in targets.items()}
     patch = Patch()
-    # (target, parameter) -> [(stack position, module, role, strength)]
-    plan: dict[tuple[str, str], list[tuple[int, LoraFile, LoraModule, float]]] = {}
-    for pos, (lf, weight) in enumerate(loras):
+    plan: dict[tuple[str, str], list[tuple[LoraFile, LoraModule, float]]] = {}  # in stack order
+    for lf, weight in loras:
         strength = _strengths(weight)
         bad: list[str] = []
         fits = []
@@ -445,17 +515,16 @@ def apply_loras(
                 continue
             target, module = hit
             w = params[target][f"{module}.weight"]
-            shape = mod.delta_shape()
-            want = tuple(w.shape) if mod.kind == "diff" else (w.shape[0], math.prod(w.shape[1:]))
-            if shape and shape != want:
+            shape, want = mod.kind.shape(mod.tensors), mod.kind.model_shape(w.shape)
+            if shape is not None and shape != want:
                 bad.append(f"{base} (shape {list(shape)}, model {list(want)})")
                 continue
-            if "diff_b" in mod.tensors:
+            if mod.bias is not None:
                 b = params[target].get(f"{module}.bias")
-                if b is None or b.shape != mod.tensors["diff_b"].shape:
+                if b is None or b.shape != mod.bias.shape:
                     bad.append(f"{base}.diff_b (the model's {module} has no bias of that shape)")
                     continue
-            fits.append((target, module, mod))
+            fits.append((target, module, mod, shape is not None))
         bad += lf.unrecognised
         total = lf.n_modules + len(lf.unrecognised)
         if not fits:
@@ -469,20 +538,19 @@ def apply_loras(
                 "use a LoRA made for this model, or allow unmatched keys to apply the rest"
             )
         patch.warnings += [f"{lf.path.name}: not loaded: {k}" for k in bad]
-        patch.matched[str(lf.path)] = len(fits)
-        for target, module, mod in fits:
+        for target, module, mod, has_weight in fits:
             s = strength.get(target, strength["*"])
             if s == 0.0:
                 continue  # W + 0·ΔW is W: skip the work (the file was still checked against the model)
-            if mod.kind != "diff" or "diff" in mod.tensors:
-                plan.setdefault((target, f"{module}.weight"), []).append((pos, lf, mod, s))
-            if "diff_b" in mod.tensors:
-                plan.setdefault((target, f"{module}.bias"), []).append((pos, lf, mod, s))
+            if has_weight:
+                plan.setdefault((target, f"{module}.weight"), []).append((lf, mod, s))
+            if mod.bias is not None:
+                plan.setdefault((target, f"{module}.bias"), []).append((lf, mod, s))
     scratch = _Scratch(max((params[t][p].numel() for t, p in plan), default=0))
     for (target, pname), items in plan.items():
-        if not any(mod.dora for _, _, mod, _ in items):
+        if not any(mod.dora for _, mod, _ in items):
             # Additive kinds commute; a fixed order makes the fp32 sum bit-identical whatever the stack order.
-            items = sorted(items, key=lambda it: (str(it[1].path), it[3], it[2].base))
+            items = sorted(items, key=lambda it: (str(it[0].path), it[2], it[1].base))
         _merge_one(targets[target], target, pname, items, patch, scratch)
     return patch
 
@@ -491,9 +559,9 @@ def _term(mod: LoraModule, shape, device, is_bias: bool, out=None) -> tuple[torc
     """(ΔW in fp32 shaped like the parameter, scale); ΔW is `out`, a fresh tensor, or a stored diff (never scale it
     in place)."""
     if is_bias:
-        return mod.tensors["diff_b"].to(device, torch.float32), 1.0
-    delta, scale = mod.delta(device, out=out if mod.kind == "lora" and not mod.dora else None)
-    return delta.to(device).reshape(shape), scale
+        return mod.bias.to(device, torch.float32), 1.0
+    delta, scale = mod.kind.delta(mod.tensors, device, out=None if mod.dora else out)
+    return delta.reshape(shape), scale
 
 
 class _Scratch:
@@ -519,15 +587,15 @@ def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch, sc
     fp8 = original.dtype in FP8_DTYPES
     scale_owner = attr == "weight" and fp8 and hasattr(module, "weight_scale")
     old_scale = module.weight_scale if scale_owner else None
-    if fp8 or any(mod.dora for _, _, mod, _ in items):
+    if fp8 or any(mod.dora for _, mod, _ in items):
         # Terms that see the current weight (DoRA) or a dequantised one: one working fp32 copy, patches in order.
         w = original.to(torch.float32, copy=True)
         if old_scale is not None:
             w = w * old_scale.to(w.device, torch.float32)
-        for _, _, mod, s in items:
+        for _, mod, s in items:
             delta, scale = _term(mod, w.shape, w.device, is_bias)
             if mod.dora:
-                w = _dora(w, delta, scale, s, mod)
+                w = DORA.apply(w, delta, scale, s, mod.tensors)
             else:
                 w += (s * scale) * delta
         new = w
@@ -535,7 +603,7 @@ def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch, sc
         # Σ sᵢ·scaleᵢ·ΔWᵢ first, then + W. ComfyUI forms c = strength·(α/r) as one double and adds c·ΔW
         # (formats.md §2.4), so a single LoRA is bit-identical to ComfyUI's W + c·ΔW (addition commutes).
         acc, tmp = scratch.get(original.device, original.shape)
-        for i, (_, _, mod, s) in enumerate(items):
+        for i, (_, mod, s) in enumerate(items):
             buf = acc if i == 0 else tmp
             delta, scale = _term(mod, original.shape, original.device, is_bias, out=buf)
             c = s * scale
@@ -558,30 +626,6 @@ def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch, sc
     if scale_owner:
         module.weight_scale = new_scale
     patch.patched.setdefault(target, []).append(pname)
-
-
-def _dora(w: torch.Tensor, delta: torch.Tensor, scale: float, strength: float, mod: LoraModule) -> torch.Tensor:
-    """DoRA: W_c = (W + scale·ΔW)·m/‖·‖, then W + s·(W_c − W) (ComfyUI weight_adapter/base.py::weight_decompose).
-
-    `dora_scale` follows ComfyUI: one entry per output row → norms of the weight before this patch, else column norms
-    of the updated weight. PEFT's `lora_magnitude_vector` (ignored by ComfyUI) follows PEFT: row norms of the updated
-    weight, no epsilon.
-    """
-    out = w.shape[0]
-    wc = w + scale * delta
-    w2, wc2 = w.reshape(out, -1), wc.reshape(out, -1)
-    if "magnitude" in mod.tensors:
-        mag = mod.tensors["magnitude"].to(w.device, torch.float32).reshape(out, 1)
-        wc2 = wc2 * (mag / wc2.norm(dim=1, keepdim=True))
-    else:
-        mag = mod.tensors["dora_scale"].to(w.device, torch.float32)
-        eps = torch.finfo(torch.float32).eps
-        if mag.shape[0] == out:
-            wc2 = wc2 * (mag.reshape(out, 1) / (w2.norm(dim=1, keepdim=True) + eps))
-        else:
-            wc2 = wc2 * (mag.reshape(1, -1) / (wc2.norm(dim=0, keepdim=True) + eps))
-    wc = wc2.reshape(w.shape)
-    return wc if strength == 1.0 else w + strength * (wc - w)
 
 
 def _to_fp8(
