@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -74,16 +76,12 @@ class ModelSampling:
         return time_snr_shift(self.shift, timestep / self.multiplier)
 
     def percent_to_sigma(self, percent: float) -> float:
-        return self.percent_to_sigma_for(self.shift, percent)
-
-    @staticmethod
-    def percent_to_sigma_for(shift: float, percent: float) -> float:
         # a Python double, never a float32 table value: the SA-Solver tau bounds compare against it as a double
         if percent <= 0.0:
             return 1.0
         if percent >= 1.0:
             return 0.0
-        return time_snr_shift(shift, 1.0 - percent)
+        return time_snr_shift(self.shift, 1.0 - percent)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -92,6 +90,30 @@ class ModelSampling:
 
 def _append_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros([1])])
+
+
+def _float32(v: float) -> float:
+    return torch.tensor(v, dtype=torch.float32).item()
+
+
+def _rounded(values) -> torch.Tensor:
+    # Double results rounded once to float32: what a correctly rounded float32 pow/exp gives. ComfyUI's schedules call
+    # torch's float32 pow/exp, whose last bit varies with the torch build and CPU (the references are the rounded
+    # values; this machine's AVX2 powf is 1 ulp off one karras sigma at 30 steps).
+    return torch.tensor(list(values), dtype=torch.float32)
+
+
+def _linspace(start: float, end: float, steps: int) -> torch.Tensor:
+    """torch.linspace(start, end, steps) in float32 by ATen's vectorised CPU rule (spec/sampling.md §1.5), which
+    ComfyUI's schedules ran on, rather than by whichever kernel this torch build has."""
+    start, end = _float32(start), _float32(end)
+    if steps == 1:
+        return torch.tensor([start])
+    step = _float32(_float32(end - start) / (steps - 1))
+    half = steps // 2
+    # step * i is exact in double and so is the sum for the schedules' endpoints: one rounding, as the fused
+    # multiply-add makes
+    return _rounded(start + step * i if i < half else end - step * (steps - 1 - i) for i in range(steps))
 
 
 def schedule_simple(ms: ModelSampling, steps: int) -> torch.Tensor:
@@ -106,12 +128,12 @@ def _normal(ms: ModelSampling, steps: int, sgm: bool) -> torch.Tensor:
     end = ms.timestep(ms.sigma_min)
     append_zero = True
     if sgm:
-        ts = torch.linspace(start, end, steps + 1)[:-1]
+        ts = _linspace(float(start), float(end), steps + 1)[:-1]
     else:
         if math.isclose(float(ms.sigma(end)), 0, abs_tol=1e-5):
             steps += 1
             append_zero = False
-        ts = torch.linspace(start, end, steps)
+        ts = _linspace(float(start), float(end), steps)
     # sigma(timestep(sigma_min)) applies the shift a second time: last non-zero sigma is 0.00893, as in ComfyUI
     sigs = [float(ms.sigma(t)) for t in ts]
     return torch.tensor(sigs + ([0.0] if append_zero else []), dtype=torch.float32)
@@ -130,16 +152,17 @@ def schedule_sgm_uniform(ms: ModelSampling, steps: int) -> torch.Tensor:
 def schedule_karras(ms: ModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
     """k-diffusion get_sigmas_karras (Karras et al. 2022, eq. 5) between the table's sigma_min and sigma_max."""
     sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    ramp = torch.linspace(0, 1, steps)
+    ramp = _linspace(0.0, 1.0, steps)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
-    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+    base = max_inv_rho + ramp * (min_inv_rho - max_inv_rho)  # float32 tensor ops, exactly rounded everywhere
+    return _append_zero(_rounded(float(b) ** rho for b in base))
 
 
 def schedule_exponential(ms: ModelSampling, steps: int) -> torch.Tensor:
     """k-diffusion get_sigmas_exponential: log-linear from sigma_max to sigma_min."""
     sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp())
+    return _append_zero(_rounded(math.exp(float(t)) for t in _linspace(math.log(sigma_max), math.log(sigma_min), steps)))
 
 
 def _betainc(a: float, b: float, x: float) -> float:
@@ -348,13 +371,13 @@ def _half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.logit().neg()
 
 
-def _offset_first_sigma(sigmas: torch.Tensor, shift: float, percent_offset: float = 1e-4) -> torch.Tensor:
+def _offset_first_sigma(sigmas: torch.Tensor, ms: ModelSampling, percent_offset: float = 1e-4) -> torch.Tensor:
     # ComfyUI offset_first_sigma_for_snr: sigma 1.0 has lambda = -inf, so start at percent_to_sigma(1e-4), which is
     # 0.99996668 at shift 3 (the double rounded into the sigma tensor); x itself was built with sigma 1.0
     if len(sigmas) <= 1 or not sigmas[0] >= 1:
         return sigmas
     sigmas = sigmas.clone()
-    sigmas[0] = ModelSampling.percent_to_sigma_for(shift, percent_offset)
+    sigmas[0] = ms.percent_to_sigma(percent_offset)
     return sigmas
 
 
@@ -433,7 +456,7 @@ def sample_dpmpp_2m_sde(
     eta=1.0,
     s_noise=1.0,
     solver_type="midpoint",
-    shift=3.0,
+    model_sampling: ModelSampling | None = None,
 ):
     """ComfyUI sample_dpmpp_2m_sde: DPM-Solver++(2M) SDE (Lu et al. 2022) in half-log-SNR, RF alpha = 1 - sigma."""
     if len(sigmas) <= 1:
@@ -443,7 +466,7 @@ def sample_dpmpp_2m_sde(
     if noise_sampler is None and eta > 0 and s_noise > 0:
         raise ConfigError("dpmpp_2m_sde needs a noise sampler; call sampling.sample(...) with a seed")
     s_in = x.new_ones([x.shape[0]])
-    sigmas = _offset_first_sigma(sigmas, shift)
+    sigmas = _offset_first_sigma(sigmas, model_sampling or ModelSampling())
     old_denoised, h, h_last = None, None, None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -485,7 +508,7 @@ def sample_er_sde(
     s_noise=1.0,
     noise_scaler=None,
     max_stage=3,
-    shift=3.0,
+    model_sampling: ModelSampling | None = None,
 ):
     """ComfyUI sample_er_sde: ER-SDE-Solver-3 (Cui et al. 2023, arXiv 2309.06169), VP form with ell = sigma/alpha."""
     if noise_sampler is None and s_noise > 0:
@@ -495,7 +518,7 @@ def sample_er_sde(
     num_points = 200.0
     # float32 quadrature points even for float64 sigmas, as ComfyUI
     point_indice = torch.arange(0, num_points, dtype=torch.float32, device=x.device)
-    sigmas = _offset_first_sigma(sigmas, shift)
+    sigmas = _offset_first_sigma(sigmas, model_sampling or ModelSampling())
     er_lambdas = _half_log_snr(sigmas).neg().exp()  # sigma / alpha; 0 at sigma = 0
     old_denoised, old_denoised_d = None, None
     for i in range(len(sigmas) - 1):
@@ -618,19 +641,18 @@ def sample_sa_solver(
     corrector_order=4,
     use_pece=False,
     simple_order_2=False,
-    shift=3.0,
+    model_sampling: ModelSampling | None = None,
 ):
     """ComfyUI sample_sa_solver: SA-Solver, stochastic Adams predictor-corrector (Xue et al., NeurIPS 2023)."""
     if len(sigmas) <= 1:
         return x
     s_in = x.new_ones([x.shape[0]])
-    sigmas = _offset_first_sigma(sigmas, shift)
+    ms = model_sampling or ModelSampling()
+    sigmas = _offset_first_sigma(sigmas, ms)
     lambdas = _half_log_snr(sigmas)
     if tau_func is None:
         # double bounds sigma(0.8) / sigma(0.2) against float32 sigmas widened to double, inclusive (spec §3)
-        start_sigma = ModelSampling.percent_to_sigma_for(shift, 0.2)
-        end_sigma = ModelSampling.percent_to_sigma_for(shift, 0.8)
-        tau_func = sa_solver_tau_interval(start_sigma, end_sigma, eta=1.0)
+        tau_func = sa_solver_tau_interval(ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8), eta=1.0)
     if noise_sampler is None and s_noise > 0 and any(tau_func(s) > 0 for s in sigmas[1:]):
         raise ConfigError("sa_solver needs a noise sampler; call sampling.sample(...) with a seed")
     max_order = max(predictor_order, corrector_order)
@@ -705,30 +727,43 @@ def sample_sa_solver_pece(model: Denoiser, x, sigmas, *, callback=None, noise_sa
     return sample_sa_solver(model, x, sigmas, callback=callback, noise_sampler=noise_sampler, use_pece=True, **options)
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "er_sde": sample_er_sde,
-    "sa_solver_pece": sample_sa_solver_pece,
-    "sa_solver": sample_sa_solver,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "res_multistep": sample_res_multistep,
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler and what KSampler gives it besides the model, x and sigmas.
+
+    noise: "none" (deterministic), "gaussian" (default_noise_sampler) or "brownian" (a Brownian tree over the run).
+    needs_model_sampling: the first-sigma offset (and SA-Solver's tau interval) come from the model's shift.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    noise: Literal["none", "gaussian", "brownian"]
+    needs_model_sampling: bool = False
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "er_sde": SamplerSpec(sample_er_sde, "gaussian", needs_model_sampling=True),
+    "sa_solver_pece": SamplerSpec(sample_sa_solver_pece, "gaussian", needs_model_sampling=True),
+    "sa_solver": SamplerSpec(sample_sa_solver, "gaussian", needs_model_sampling=True),
+    "euler": SamplerSpec(sample_euler, "none"),
+    "euler_ancestral": SamplerSpec(sample_euler_ancestral, "gaussian"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "none"),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "brownian", needs_model_sampling=True),
+    "res_multistep": SamplerSpec(sample_res_multistep, "gaussian"),
 }
 
-_BROWNIAN = ("dpmpp_2m_sde",)
-_DETERMINISTIC = ("euler", "dpmpp_2m")
-# samplers whose first-sigma offset (and SA-Solver's tau interval) come from the model's shift
-_SHIFT_AWARE = ("er_sde", "sa_solver", "sa_solver_pece", "dpmpp_2m_sde")
+
+def _sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise _unknown("sampler", name, SAMPLERS)
+    return SAMPLERS[name]
 
 
 def make_noise_sampler(sampler_name: str, x: torch.Tensor, sigmas: torch.Tensor, seed: int) -> NoiseSampler | None:
     """The per-step noise ComfyUI's KSampler gives the named sampler (None for the deterministic ones)."""
-    if sampler_name not in SAMPLERS:
-        raise _unknown("sampler", sampler_name, SAMPLERS)
-    if sampler_name in _DETERMINISTIC:
+    noise = _sampler(sampler_name).noise
+    if noise == "none":
         return None
-    if sampler_name in _BROWNIAN:
+    if noise == "brownian":
         # the tree spans the sigmas before the first-sigma offset, as ComfyUI builds it
         return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed)
     return default_noise_sampler(x, seed)
@@ -749,15 +784,14 @@ def sample(
 
     `shift` must be the one the sigmas were made with: the first-sigma offset and SA-Solver's tau interval use it.
     """
-    if sampler_name not in SAMPLERS:
-        raise _unknown("sampler", sampler_name, SAMPLERS)
+    spec = _sampler(sampler_name)
     if len(sigmas) <= 1:
         return x
     sigmas = sigmas.to(x.device)
     noise_sampler = make_noise_sampler(sampler_name, x, sigmas, seed)
-    if sampler_name in _SHIFT_AWARE:
-        options = {"shift": float(shift), **options}
-    out = SAMPLERS[sampler_name](model, x, sigmas, callback=callback, noise_sampler=noise_sampler, **options)
+    if spec.needs_model_sampling:
+        options = {"model_sampling": ModelSampling(shift), **options}
+    out = spec.fn(model, x, sigmas, callback=callback, noise_sampler=noise_sampler, **options)
     return inverse_noise_scaling(sigmas[-1], out)
 
 

@@ -223,7 +223,7 @@ def test_default_noise_sampler_uses_seed_on_cuda():
 @pytest.mark.parametrize("name", STOCHASTIC)
 def test_stochastic_samplers_called_without_noise_say_so(name):
     with pytest.raises(ConfigError, match="noise sampler"):
-        sampling.SAMPLERS[name](COND, torch.zeros(1, 4), sampling.get_sigmas("simple", 10))
+        sampling.SAMPLERS[name].fn(COND, torch.zeros(1, 4), sampling.get_sigmas("simple", 10))
 
 
 def test_brownian_tree_noise_is_standard_normal_and_reproducible():
@@ -270,7 +270,7 @@ def _probe(name, law, sigmas):
         return z
 
     model = Counting(law)
-    out = sampling.SAMPLERS[name](model, x, sigmas, noise_sampler=impulse)[0]
+    out = sampling.SAMPLERS[name].fn(model, x, sigmas, noise_sampler=impulse)[0]
     q, p, r = out[0].item(), (out[1] - out[0]).item(), out[2:] - out[0]
     return q, p, math.sqrt(p * p + (r**2).sum().item()), len(draws), model.calls
 
@@ -315,7 +315,7 @@ def test_sa_solver_noise_steps(ref):
                 steps.append(int((sigmas == sigma_next).nonzero()[0]) - 1)
                 return torch.zeros(1, 4)
 
-            sampling.SAMPLERS[name](COND, torch.zeros(1, 4), sigmas, noise_sampler=record)
+            sampling.SAMPLERS[name].fn(COND, torch.zeros(1, 4), sigmas, noise_sampler=record)
             assert steps == want, (name, n)
 
 
@@ -347,7 +347,7 @@ def test_convergence_order(case):
     for n in (n1, n2):
         t = torch.tensor([1 - k * 0.95 / n for k in range(n + 1)], dtype=torch.float64)
         sigmas = 3 * t / (1 + 2 * t)
-        out = sampling.SAMPLERS[name](COND, xi.clone(), sigmas, **options)
+        out = sampling.SAMPLERS[name].fn(COND, xi.clone(), sigmas, **options)
         errors.append((out - _exact_flow(0.7, 0.35, sigma_start, float(sigmas[-1]), xi)).abs().max().item())
     order = math.log2(errors[0] / errors[1]) / math.log2(n2 / n1)
     assert lo <= order <= hi, (case, errors, order)
