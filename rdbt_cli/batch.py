@@ -22,26 +22,19 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from rdbt_cli.config import GenParams, LoraSpec
-from rdbt_cli.errors import ConfigError, OutputError
-from rdbt_cli.presets import parse_size, value_problem
+from rdbt_cli.errors import ConfigError, OutputError, RdbtError
+from rdbt_cli.settings import SETTINGS, SIZE_FLAG, GenParams, parse_size
 
-# flag -> GenParams field (None: not a GenParams field). Every flag takes exactly one value.
-FLAGS = {
-    "-n": "negative", "--negative": "negative", "--preset": None, "--sampler": "sampler", "--scheduler": "scheduler",
-    "--steps": "steps", "--cfg": "cfg", "--shift": "shift", "--seed": "seed", "--size": None, "--width": "width",
-    "--height": "height", "--count": "count", "--lora": "loras",
-}
-_CONVERT = {"steps": int, "count": int, "seed": int, "width": int, "height": int, "cfg": float, "shift": float}
-_FLAG_LIST = "-n/--negative, --preset, --sampler, --scheduler, --steps, --cfg, --shift, --seed, --size, --width, " \
-             "--height, --count, --lora NAME[:WEIGHT]"
+# A batch line may override every setting the table marks `batch`, with its flags, plus --preset and --size.
+_LINE_SETTINGS = {flag: s for s in SETTINGS if s.batch for flag in s.flags}
+_FLAG_LIST = ", ".join(["/".join(s.flags) if s.type is not list else f"{s.flag} NAME[:WEIGHT]"
+                        for s in SETTINGS if s.batch and s.flags] + ["--preset", SIZE_FLAG])
 # Where the overrides start: the first " --word" or " -n" that stands as its own token.
 _FIRST_FLAG = re.compile(r"(?:^|\s)(--[A-Za-z]|-n(?:\s|=|$))")
-_WEIGHT = re.compile(r"^(.*):([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
 
 
 @dataclass
@@ -55,7 +48,7 @@ class BatchLine:
 
 
 @dataclass(frozen=True)
-class Job:
+class Task:
     lineno: int
     line_hash: str
     index: int  # image index within the line's --count; seed = line seed + index
@@ -64,16 +57,6 @@ class Job:
     @property
     def key(self) -> str:
         return f"{self.lineno}:{self.line_hash}:{self.index}"
-
-
-def parse_lora_arg(text: str) -> LoraSpec:
-    """"name:0.7" -> LoraSpec("name", 0.7); only a trailing `:<number>` is a weight, so `C:\\loras\\x` stays a name."""
-    text = text.strip()
-    m = _WEIGHT.match(text)
-    name, weight = (m.group(1), float(m.group(2))) if m else (text, 1.0)
-    if not name:
-        raise ConfigError(f'--lora "{text}": missing the LoRA name; write NAME or NAME:WEIGHT, e.g. style:0.7')
-    return LoraSpec(name, weight)
 
 
 def line_hash(text: str) -> str:
@@ -98,23 +81,17 @@ def _apply_flag(flag: str, value: str, line: BatchLine) -> None:
             raise ConfigError("--preset needs a preset name or a .toml path")
         line.preset = value
         return
-    if flag == "--size":
+    if flag == SIZE_FLAG:
         over.width, over.height = parse_size(value)
         return
-    key = FLAGS[flag]
-    if key == "loras":
-        over.loras = [*(over.loras or []), parse_lora_arg(value)]
-        return
-    convert = _CONVERT.get(key, str)
-    try:
-        converted = convert(value)
-    except ValueError:
-        kind = "a whole number" if convert is int else "a number"
-        raise ConfigError(f"{flag} needs {kind}, not {value!r}") from None
-    problem = value_problem(key, converted)
+    setting = _LINE_SETTINGS[flag]
+    converted = setting.from_text(value)
+    problem = setting.problem(converted)
     if problem:
         raise ConfigError(f"{flag}: {problem}")
-    setattr(over, key, converted)
+    if setting.type is list:  # repeatable: each flag adds one entry
+        converted = [*(getattr(over, setting.name) or []), *converted]
+    setattr(over, setting.name, converted)
 
 
 def _split(text: str) -> list[str]:
@@ -145,7 +122,7 @@ def _parse_line(lineno: int, text: str) -> BatchLine:
             flag, eq, value = token.partition("=") if token.startswith("-") else (token, "", "")
             if not flag.startswith("-"):
                 raise ConfigError(f"unexpected {token!r} after the flags; quote a value that has spaces")
-            if flag not in FLAGS:
+            if flag not in _LINE_SETTINGS and flag not in ("--preset", SIZE_FLAG):
                 raise ConfigError(f"unknown flag {flag!r}; batch lines accept {_FLAG_LIST}")
             if not eq:
                 if i + 1 >= len(tokens):
@@ -186,17 +163,6 @@ def read_batch_source(path_or_dash: str | os.PathLike) -> str:
         raise ConfigError(f"{path}: not UTF-8 text; save the batch file as UTF-8") from None
 
 
-def merge_flags(base: GenParams, line: GenParams) -> GenParams:
-    """A batch line's overrides on top of the batch command's flags; LoRAs add up as layers (line last)."""
-    out = GenParams()
-    for name in GenParams.__dataclass_fields__:
-        value = getattr(line, name)
-        setattr(out, name, value if value is not None else getattr(base, name))
-    if base.loras is not None or line.loras is not None:
-        out.loras = [*(base.loras or []), *(line.loras or [])]
-    return out
-
-
 def line_seed(batch: str, lineno: int) -> int:
     """A seed for a line that gives none, fixed by the batch content, so a resumed line continues its seed series."""
     return int.from_bytes(hashlib.sha256(f"{batch}:{lineno}".encode()).digest()[:4], "big")
@@ -212,7 +178,7 @@ def plan_jobs(
     rank: int = 0,
     world: int = 1,
     done: Mapping[str, object] | None = None,
-) -> list[Job]:
+) -> list[Task]:
     """This rank's jobs, in file order, without those already done.
 
     `resolved_counts` gives each line's image count, aligned with `lines` or keyed by line number; bad lines make no
@@ -237,7 +203,7 @@ def plan_jobs(
             continue
         h = line_hash(line.text or line.prompt)
         for index in range(count):
-            job = Job(line.lineno, h, index, ordinal)
+            job = Task(line.lineno, h, index, ordinal)
             ordinal += 1
             if job.ordinal % world == rank and job.key not in done:
                 jobs.append(job)
@@ -266,9 +232,9 @@ class Manifest:
             raise OutputError(f"{self.path}: cannot write the batch manifest ({e.strerror}); check the output "
                               "folder's permissions") from None
 
-    def add(self, job: Job | str, file: str, seed: int, **extra) -> dict:
+    def add(self, job: Task | str, file: str, seed: int, **extra) -> dict:
         """Record a finished image; call after its file is safely written."""
-        record = {"job": job.key if isinstance(job, Job) else job, "file": str(file), "seed": int(seed), **extra}
+        record = {"job": job.key if isinstance(job, Task) else job, "file": str(file), "seed": int(seed), **extra}
         self._f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -322,3 +288,125 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, in
     if world < 1 or not 0 <= rank < world or local_rank < 0:
         raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}; launch with torchrun or unset them")
     return rank, world, local_rank
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a batch
+
+
+@dataclass
+class BatchPlan:
+    id: str
+    lines: dict[int, tuple]  # line number -> (settings, preset, model) of every good line
+    jobs: list[Task]  # this rank's, not yet done
+    done: int  # images already made by an earlier run
+    failures: dict[int, str]  # line number -> one-line reason
+    planner: object  # the jobs.Planner that resolved the lines, reused for their files
+
+
+def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_stack: bool = False,
+         out_dir: str | os.PathLike = "outputs", rank: int = 0, world: int = 1) -> BatchPlan:
+    """Every line resolved (batch flags < line overrides; a bad line fails alone) and this rank's jobs planned."""
+    from rdbt_cli.jobs import Planner
+    from rdbt_cli.settings import layer
+
+    lines = parse_batch(text)
+    # The same file with other batch-wide settings is another batch: it must not count the first one's images as done.
+    wide = [vars(flags), preset, load.model, load.text_encoder, load.vae, load.dtype, no_stack]
+    bid = batch_id(text + "\0" + json.dumps(wide, default=str, sort_keys=True))
+    failures = {line.lineno: line.error for line in lines if line.error}
+    planner = Planner(load, no_stack=no_stack)
+    resolved = {}
+    for line in lines:
+        if line.error:
+            continue
+        try:
+            g, p, m = planner.settings(layer(flags, line.overrides), line.preset or preset, model_flag=load.model)
+        except RdbtError as err:
+            failures[line.lineno] = f"line {line.lineno}: {err}"
+            continue
+        if g.seed is None:
+            g.seed = line_seed(bid, line.lineno)
+        resolved[line.lineno] = (g, p, m)
+    good = [line for line in lines if line.lineno in resolved]
+    done = load_done(out_dir, bid)
+    jobs = plan_jobs(good, {ln: r[0].count or 1 for ln, r in resolved.items()}, rank, world, done)
+    return BatchPlan(bid, resolved, jobs, len(done), failures, planner)
+
+
+def _already_saved(path: Path, bid: str, job_key: str) -> bool:
+    from rdbt_cli import metadata
+
+    if not path.exists():
+        return False
+    try:
+        batch_rec = metadata.read_png(path)["recipe"].get("batch") or {}
+    except RdbtError:
+        return False
+    return batch_rec.get("id") == bid and batch_rec.get("job") == job_key
+
+
+def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmatched: bool = False,
+        on_image=None, callback=None, on_warning=None):
+    """Make this rank's jobs; yields (path, runner.Made) after each image and its manifest line are written.
+
+    One model per batch process: the first job's. Lines that resolve to another file fail with that reason, as do
+    lines whose LoRAs are missing or do not fit; the rest go on.
+    """
+    from rdbt_cli import metadata
+    from rdbt_cli.runner import Runner
+
+    if not bp.jobs:
+        return
+    out_dir = Path(out_dir)
+    planner = bp.planner
+    model = bp.lines[bp.jobs[0].lineno][2]
+    paths = planner.paths(model)
+    loaded = planner.identity(model)
+    load = replace(planner.load, model=model)
+    runner = Runner(load, paths, allow_unmatched=allow_unmatched,
+                    on_warning=lambda w: on_warning and on_warning(f"line {current.lineno}: {w}"))
+    with Manifest(out_dir, bp.id, rank) as manifest:
+        for current in bp.jobs:
+            ln = current.lineno
+            if ln in bp.failures:
+                continue
+            g, p, wanted = bp.lines[ln]
+            seed = (g.seed + current.index) % 2**64
+            stem = f"L{ln:04d}-{current.index:03d}-{seed}"
+            try:
+                if planner.identity(wanted) != loaded:
+                    raise ConfigError(f"it asks for model {wanted or 'the default model'!r} but this batch runs "
+                                      f"{Path(paths.dit).name!r}; put those lines in their own batch")
+                if _already_saved(out_dir / f"{stem}.png", bp.id, current.key):
+                    # Killed after the PNG was written but before its manifest line: record it, do not make it twice.
+                    manifest.add(current, f"{stem}.png", seed)
+                    continue
+                job = planner.job(g, seed, current.index, paths, p, wanted,
+                                  batch={"id": bp.id, "line": ln, "job": current.key})
+                if on_image:
+                    on_image(f"line {ln} #{current.index + 1} seed {seed}", g.steps)
+                made = runner.run(job, callback)
+                path = metadata.save_png(made.image, out_dir, made.recipe, stem=stem)
+            except RdbtError as err:
+                bp.failures[ln] = f"line {ln}: {err}"
+                continue
+            manifest.add(current, Path(path).name, seed)
+            yield path, made
+
+
+def gather(rank: int, world: int, made: int, failures: dict[int, str], elapsed: float):
+    """(images made, failures, wall seconds) over all ranks; every rank gets the totals (torch.distributed)."""
+    results = [(made, failures, elapsed)]
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        results = [None] * world
+        dist.all_gather_object(results, (made, failures, elapsed))
+        dist.destroy_process_group()
+    all_failures: dict[int, str] = {}
+    for r in results:
+        all_failures.update(r[1])
+    return sum(r[0] for r in results), all_failures, max(r[2] for r in results)

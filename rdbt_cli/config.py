@@ -1,4 +1,6 @@
-"""Plain data: network sizes (filled from checkpoint shapes), load and generation parameters, family defaults.
+"""Plain data: network sizes (filled from checkpoint shapes), what to load, and the names rdbt accepts.
+
+Generation settings (what to make) are a table of their own, in settings.py.
 
 No torch import here, so the CLI can resolve and validate everything before any weights are read.
 """
@@ -114,24 +116,6 @@ class LoraSpec:
 
 
 @dataclass
-class GenParams:
-    """What to make. None means "not given"; resolution fills every field (defaults < preset < stack < flags)."""
-
-    prompt: str | None = None
-    negative: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    cfg: float | None = None
-    seed: int | None = None
-    sampler: str | None = None
-    scheduler: str | None = None
-    shift: float | None = None
-    count: int | None = None
-    loras: list[LoraSpec] | None = None
-
-
-@dataclass
 class LoadParams:
     """What to load and how. Machine facts (device, dtype) never come from presets."""
 
@@ -147,8 +131,12 @@ class LoadParams:
     attention: str = "sdpa"
 
 
-# Anima's defaults (the official template: er_sde, simple, 30 steps, CFG 4, shift 3, 1024²).
-DEFAULTS = GenParams(
-    negative="", width=1024, height=1024, steps=30, cfg=4.0, sampler="er_sde", scheduler="simple", shift=3.0, count=1,
-    loras=[],
-)
+@dataclass(frozen=True)
+class ModelPaths:
+    """The files a generation loads, all resolved and checked before any weights are read."""
+
+    dit: Path
+    text_encoder: Path
+    vae: Path
+    qwen_tokenizer: Path
+    t5_tokenizer: Path

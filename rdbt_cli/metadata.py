@@ -45,32 +45,90 @@ import time
 import zlib
 from pathlib import Path
 
-from rdbt_cli.errors import OutputError
+from rdbt_cli import __version__
+from rdbt_cli.config import LoraSpec
+from rdbt_cli.errors import ConfigError, OutputError
+from rdbt_cli.settings import BY_NAME, DEFAULT_SHIFT, SETTINGS, GenParams, check_all
 
 SCHEMA = "rdbt.recipe/1"
 
-# A1111/Forge labels for the ComfyUI sampler and scheduler names they share (formats.md §4.1). Names without an A1111
-# label (er_sde, sa_solver_pece, res_multistep, linear_quadratic, ...) are written as the ComfyUI name.
-A1111_SAMPLERS = {
-    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "lms": "LMS", "dpm_2": "DPM2",
-    "dpm_2_ancestral": "DPM2 a", "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "dpm_fast": "DPM fast",
-    "dpm_adaptive": "DPM adaptive", "ddim": "DDIM", "uni_pc": "UniPC", "lcm": "LCM",
-}
-A1111_SCHEDULERS = {
-    "simple": "Simple", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
-    "sgm_uniform": "SGM Uniform", "beta": "Beta", "kl_optimal": "KL Optimal", "ddim_uniform": "DDIM",
-}
-_SAMPLER_FROM_LABEL = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
-_SCHEDULER_FROM_LABEL = {v.lower(): k for k, v in A1111_SCHEDULERS.items()}
+# Table rows by their A1111 label, and each label's values back to ComfyUI names.
+_A1111_ROWS = {s.a1111: s for s in SETTINGS if s.a1111}
+_FROM_LABEL = {s.name: {v.lower(): k for k, v in s.a1111_names.items()} for s in SETTINGS if s.a1111_names}
 
 # Anima's official ComfyUI template (anima.md §5.6): the file names ComfyUI users have, used when the recipe has none.
 COMFY_DEFAULT_TE = "qwen_3_06b_base.safetensors"
 COMFY_DEFAULT_VAE = "qwen_image_vae.safetensors"
-DEFAULT_SHIFT = 3.0
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_TEXT = 64 << 20  # inflated zTXt/iTXt limit: a decompression bomb is a corrupt file, not an out-of-memory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipe, both ways
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def component_record(path, hashes: dict) -> dict:
+    """A model file as the recipe records it; `hashes` is discovery.file_hashes' result ({} while unknown)."""
+    path = Path(path)
+    return {"name": path.stem, "file": path.name, "path": str(path.resolve()), "hash": hashes.get("autov2")}
+
+
+def lora_record(path, weight: float, hashes: dict) -> dict:
+    return {**component_record(path, hashes), "weight": weight, "a1111_hash": hashes.get("a1111_lora")}
+
+
+TINY_COMPONENT = {"name": "tiny", "file": "tiny", "hash": None}
+
+
+def make_recipe(settings, *, seed: int, index: int, model: dict, text_encoder: dict | None, vae: dict | None,
+                loras: list[dict], preset: str | None, device: str, dtype: str, weights_fp8: bool, **extra) -> dict:
+    """The recipe of one image: every recorded setting of the table (resolved `settings`), then what was loaded."""
+    recipe = {"schema": SCHEMA, "rdbt_version": __version__}
+    for s in SETTINGS:
+        if s.recipe:
+            recipe[s.recipe] = getattr(settings, s.name)
+    recipe["negative"] = recipe.get("negative") or ""
+    recipe["seed"] = seed
+    recipe.update(model=model, text_encoder=text_encoder, vae=vae, loras=loras, preset=preset, device=device,
+                  dtype=dtype, weights_fp8=weights_fp8, index=index, **extra)
+    return recipe
+
+
+def _recorded_lora(entry) -> LoraSpec:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ConfigError(f"recorded LoRA {entry!r} has no name")
+    weight = BY_NAME["loras"].coerce(entry.get("weight", 1.0))
+    # A LoRA recorded with its path is taken from there while that file exists (it may sit outside loras/).
+    path = entry.get("path")
+    return LoraSpec(path if isinstance(path, str) and Path(path).is_file() else entry["name"], weight)
+
+
+def _locate(component):
+    """The recorded path while that file exists, else the file name for the models folder to resolve again."""
+    if isinstance(component, dict) and isinstance(component.get("path"), str) and Path(component["path"]).is_file():
+        return component["path"]
+    name = component.get("file") if isinstance(component, dict) else component
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"recorded model file {name!r} is not a file name")
+    return Path(name).stem if name and name != "tiny" else name
+
+
+def recipe_settings(recipe: dict):
+    """(GenParams, recorded files) from a recipe read back by read_png: every value checked by the rules the flags
+    obey, before anything loads. `recorded` holds the model, text_encoder and vae to look for, dtype and
+    weights_fp8."""
+    values = {s.name: s.coerce(recipe.get(s.recipe)) for s in SETTINGS if s.recipe}
+    loras = recipe.get("loras") or []
+    if not isinstance(loras, list):
+        raise ConfigError(f"recorded loras {loras!r} is not a list")
+    params = GenParams(**values, count=1, loras=[_recorded_lora(entry) for entry in loras])
+    check_all(params, lambda s: f"recorded {s.recipe or s.name} {getattr(params, s.name)!r}")
+    recorded = {k: _locate(recipe.get(k)) for k in ("model", "text_encoder", "vae")}
+    recorded["dtype"] = recipe.get("dtype")
+    recorded["weights_fp8"] = bool(recipe.get("weights_fp8"))
+    return params, recorded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,26 +178,25 @@ def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
         if tags:
             prompt = (prompt.rstrip() + " " if prompt.strip() else "") + " ".join(tags)
 
-    fields: list[tuple[str, object]] = [
-        ("Steps", recipe.get("steps")),
-        ("Sampler", A1111_SAMPLERS.get(recipe.get("sampler"), recipe.get("sampler"))),
-        ("Schedule type", A1111_SCHEDULERS.get(recipe.get("scheduler"), recipe.get("scheduler"))),
-        ("CFG scale", recipe.get("cfg")),
-        ("Seed", recipe.get("seed")),
-    ]
+    def row(setting) -> tuple[str, object]:
+        value = recipe.get(setting.recipe)
+        if value is not None and setting.a1111_omit is not None and value == setting.a1111_omit:
+            value = None
+        return setting.a1111, (setting.a1111_names or {}).get(value, value)
+
+    fields: list[tuple[str, object]] = [row(s) for s in SETTINGS if s.a1111 and not s.a1111_extension]
     if recipe.get("width") and recipe.get("height"):
         fields.append(("Size", f"{recipe['width']}x{recipe['height']}"))
     model = recipe.get("model") or {}
     fields += [("Model hash", model.get("hash")), ("Model", model.get("name"))]
     vae = recipe.get("vae") or {}
     fields += [("VAE hash", vae.get("hash")), ("VAE", vae.get("file") or vae.get("name"))]
-    # Forge Neo's field for flow models (formats.md §4.1), written like `Clip skip` only when not the default;
-    # extension fields come before Version.
-    shift = recipe.get("shift")
-    fields.append(("Shift", shift if shift is not None and float(shift) != DEFAULT_SHIFT else None))
+    # Extension fields (Forge Neo's Shift for flow models, formats.md §4.1), written only when not the default, come
+    # before Version.
+    fields += [row(s) for s in SETTINGS if s.a1111 and s.a1111_extension]
     hashes = [(_tag_name(l["name"]), _lora_hash(l)) for l in loras]
     fields.append(("Lora hashes", ", ".join(f"{n}: {h}" for n, h in hashes if h) or None))
-    fields.append(("Version", f"rdbt {recipe.get('rdbt_version') or _version()}"))
+    fields.append(("Version", f"rdbt {recipe.get('rdbt_version') or __version__}"))
     # Forge lists separately loaded modules after Version.
     te = recipe.get("text_encoder") or {}
     fields.append(("Module 1", te.get("name")))
@@ -155,12 +212,6 @@ def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
         lines.append(f"Negative prompt: {recipe['negative']}")
     lines.append(", ".join(pairs))
     return "\n".join(lines).strip()
-
-
-def _version() -> str:
-    from rdbt_cli import __version__
-
-    return __version__
 
 
 _KEY = re.compile(r"\s*(\w[\w \-/]*?)\s*:\s*")
@@ -240,25 +291,19 @@ def parse_parameters_text(text: str) -> dict:
     extra = {}
     schedule = fields.get("Schedule type")
     for key, value in params:
-        if key == "Steps":
-            recipe["steps"] = _int(value)
-        elif key == "Sampler":
+        if key == "Sampler":  # old A1111 labels carry the schedule too ("DPM++ 2M Karras")
             sampler, implied = _sampler_from_label(value)
             recipe["sampler"] = sampler
             if implied and not schedule:
                 recipe["scheduler"] = implied
-        elif key == "Schedule type":
-            recipe["scheduler"] = _SCHEDULER_FROM_LABEL.get(value.lower(), value)
-        elif key == "CFG scale":
-            recipe["cfg"] = _float(value)
-        elif key == "Seed":
-            recipe["seed"] = _int(value)
+        elif key in _A1111_ROWS:
+            setting = _A1111_ROWS[key]
+            names = _FROM_LABEL.get(setting.name)
+            recipe[setting.recipe] = names.get(value.lower(), value) if names else _typed(setting.type, value)
         elif key == "Size":
             m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", value)
             if m:
                 recipe["width"], recipe["height"] = int(m.group(1)), int(m.group(2))
-        elif key == "Shift":
-            recipe["shift"] = _float(value)
         elif key == "Model":
             recipe.setdefault("model", {"name": value, "file": value, "hash": None}).update(name=value, file=value)
         elif key == "Model hash":
@@ -312,27 +357,25 @@ def parse_parameters_text(text: str) -> dict:
 
 def _sampler_from_label(label: str) -> tuple[str, str | None]:
     """ComfyUI sampler name for an A1111 label; old A1111 labels carry the schedule ("DPM++ 2M Karras")."""
-    low = label.strip().lower()
-    if low in _SAMPLER_FROM_LABEL:
-        return _SAMPLER_FROM_LABEL[low], None
+    low, names = label.strip().lower(), _FROM_LABEL["sampler"]
+    if low in names:
+        return names[low], None
     for suffix, scheduler in ((" karras", "karras"), (" exponential", "exponential"), (" sgm uniform", "sgm_uniform")):
-        if low.endswith(suffix) and low[: -len(suffix)] in _SAMPLER_FROM_LABEL:
-            return _SAMPLER_FROM_LABEL[low[: -len(suffix)]], scheduler
+        if low.endswith(suffix) and low[: -len(suffix)] in names:
+            return names[low[: -len(suffix)]], scheduler
     return label.strip(), None
 
 
-def _int(v):
+def _typed(kind: type, v):
+    """An infotext value as `kind` (int, float or str), None when it does not parse: the file is a stranger's."""
     try:
-        return int(str(v).strip())
+        return kind(str(v).strip())
     except ValueError:
         return None
 
 
 def _float(v):
-    try:
-        return float(str(v).strip())
-    except ValueError:
-        return None
+    return _typed(float, v)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

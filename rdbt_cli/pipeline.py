@@ -1,6 +1,6 @@
 """The whole text-to-image data flow, and the only module that knows it.
 
-Engine.load reads the three networks and the tokenizers once; encode() turns a prompt into the DiT's cross-attention
+Models.load reads the three networks and the tokenizers once; encode() turns a prompt into the DiT's cross-attention
 context once per prompt; generate() samples and decodes one image per seed. Library code: never prints, reports
 through callbacks, raises RdbtError subclasses.
 """
@@ -15,19 +15,10 @@ from pathlib import Path
 import torch
 
 from rdbt_cli import engine, sampling, text
-from rdbt_cli.config import GenParams
+from rdbt_cli.config import DTYPES, ModelPaths
 from rdbt_cli.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class ModelPaths:
-    dit: Path
-    text_encoder: Path
-    vae: Path
-    qwen_tokenizer: Path
-    t5_tokenizer: Path
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -75,13 +66,15 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool]:
         return (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), False
     if name == "fp8":
         return (engine.half_dtype(device) if device.type == "cuda" else torch.float32), True
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; valid: auto, fp32, bf16, fp16, fp8")
-    return DTYPES[name], False
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return TORCH_DTYPES[name], False
 
 
 @dataclass
-class Engine:
+class Models:
+    """The loaded networks and tokenizers of one load, and the LoRA stack merged into them."""
+
     dit: torch.nn.Module
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
@@ -98,7 +91,7 @@ class Engine:
     def load(
         cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False,
         attention: str = "sdpa",
-    ) -> "Engine":
+    ) -> "Models":
         """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt), the
         DiT's blocks are streamed from host memory one at a time on a GPU, and the VAE always decodes in tiles."""
         dev = resolve_device(device)
@@ -127,7 +120,6 @@ class Engine:
             self.patch.undo()
             self.patch = None
         self._contexts.clear()  # a LoRA on the adapter or the text encoder changes every context
-        self.dit.clear_caches()
         if loras:
             files = [(lora.parse_lora_file(p), w) for p, w in loras]
             self.patch = lora.apply_loras(
@@ -167,7 +159,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def generate(eng: Engine, gen: GenParams, *, seed: int, index: int = 0, callback=None) -> Result:
+def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> Result:
     """Make one image for `seed` with fully resolved `gen` (ComfyUI's KSampler + VAEDecode + SaveImage path)."""
     t0 = time.perf_counter()
     cond = eng.encode(gen.prompt)

@@ -1,35 +1,33 @@
-"""Presets: named TOML files of generation settings, and the one place where settings from all sources are combined.
+"""Presets: named TOML files of generation settings (the preset keys of settings.SETTINGS), found and validated.
 
 Built-in presets ship in the wheel as `rdbt_cli/presets/` (the repository's `presets/`, force-included by
-pyproject); user presets are `user_dir()/presets/*.toml` and override a built-in of the same name. Resolution order:
-family defaults < preset < persistent LoRA stack < explicit flags. No torch here, so every mistake is reported before
-any weights are read.
+pyproject); user presets are `user_dir()/presets/*.toml` and override a built-in of the same name. No torch here, so
+every mistake is reported, with its file and line, before any weights are read.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from rdbt_cli.config import DEFAULTS, SAMPLER_NAMES, SCHEDULER_NAMES, GenParams, LoraSpec, user_dir
+from rdbt_cli.config import LoraSpec, user_dir
 from rdbt_cli.errors import ConfigError
+from rdbt_cli.settings import SETTINGS, GenParams, is_number, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESET_KEYS = (
-    "description", "model", "sampler", "scheduler", "steps", "cfg", "shift", "size", "width", "height", "negative",
-    "lora",
-)
+# What a preset file may set: the table's preset keys, `size` for width and height together, and what only presets
+# carry.
+PRESET_KEYS = ("description", "model", *(s.preset for s in SETTINGS if s.preset), "size")
 LORA_KEYS = ("name", "weight")
-MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range
+_BY_KEY = {s.preset: s for s in SETTINGS if s.preset}
 
 
 class PresetInfo(NamedTuple):
@@ -48,80 +46,6 @@ class Preset(GenParams):
     model: str | None = None
     description: str | None = None
     loras: list[LoraSpec] | None = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Value checks shared by presets, flags and batch lines. Each returns the problem as text (None when fine), so every
-# caller can put its own "where" in front: a file and line, a flag, or a batch line.
-
-
-def size_problem(width: object, height: object) -> str | None:
-    for what, v in (("width", width), ("height", height)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"{what} must be a whole number of pixels, not {v!r}"
-        if v <= 0 or v % 16:
-            return f"{what} {v} must be a positive multiple of 16 (e.g. 832x1216, 1024x1024)"
-    return None
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """"832x1216" -> (832, 1216); both sides positive multiples of 16 (the VAE's 8× times the DiT's 2× patches)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
-    if not m:
-        raise ConfigError(f'size "{text}" is not WIDTHxHEIGHT; write it like 832x1216')
-    w, h = int(m.group(1)), int(m.group(2))
-    problem = size_problem(w, h)
-    if problem:
-        raise ConfigError(f'size "{text}": {problem}')
-    return w, h
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def value_problem(key: str, value: object) -> str | None:
-    """What is wrong with `value` for the GenParams field `key` (already converted to its Python type)."""
-    if key == "sampler":
-        if not isinstance(value, str) or value not in SAMPLER_NAMES:
-            return f"unknown sampler {value!r}; valid samplers: {', '.join(SAMPLER_NAMES)}"
-    elif key == "scheduler":
-        if not isinstance(value, str) or value not in SCHEDULER_NAMES:
-            return f"unknown scheduler {value!r}; valid schedulers: {', '.join(SCHEDULER_NAMES)}"
-    elif key in ("steps", "count"):
-        if not _is_int(value):
-            return f"{key} must be a whole number, not {value!r}"
-        if value < 1:
-            return f"{key} must be at least 1, not {value}"
-    elif key == "seed":
-        if not _is_int(value) or not 0 <= value <= MAX_SEED:
-            return f"seed must be a whole number from 0 to {MAX_SEED}, not {value!r}"
-    elif key == "cfg":
-        if not _is_number(value):
-            return f"cfg must be a number, not {value!r}"
-        if value < 0:
-            return f"cfg must be 0 or more (1 turns guidance off), not {value}"
-    elif key == "shift":
-        if not _is_number(value):
-            return f"shift must be a number, not {value!r}"
-        if value <= 0:
-            return f"shift must be greater than 0 (Anima uses 3), not {value}"
-    elif key in ("width", "height"):
-        return size_problem(value, 16) if key == "width" else size_problem(16, value)
-    elif key in ("prompt", "negative", "model", "description"):
-        if not isinstance(value, str):
-            return f"{key} must be a string, not {value!r}"
-    elif key == "loras":
-        for spec in value or []:
-            if not isinstance(spec, LoraSpec) or not spec.name:
-                return f"every LoRA needs a name, got {spec!r}"
-            if not _is_number(spec.weight):
-                return f"LoRA {spec.name} weight must be a number, not {spec.weight!r}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,7 +133,7 @@ def _parse_lora_tables(value: object, where) -> list[LoraSpec]:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(where("name", "lora", i, "each [[lora]] needs name = \"<file stem or path>\""))
         weight = table.get("weight", 1.0)
-        if not _is_number(weight):
+        if not is_number(weight):
             raise ConfigError(where("weight", "lora", i, f"lora weight must be a number, not {weight!r}"))
         specs.append(LoraSpec(name.strip(), float(weight)))
     return specs
@@ -241,21 +165,24 @@ def parse_preset(text: str, path: Path | str, name: str | None = None) -> Preset
             raise ConfigError(where(key, None, 0, f'unknown key "{key}"; valid keys: {", ".join(PRESET_KEYS)}'))
         if key == "lora":
             preset.loras = _parse_lora_tables(value, where)
-            continue
-        if key == "size":
+        elif key == "size":
             if not isinstance(value, str):
                 raise ConfigError(where(key, None, 0, f'size must be a string like "832x1216", not {value!r}'))
             try:
                 preset.width, preset.height = parse_size(value)
             except ConfigError as e:
                 raise ConfigError(where(key, None, 0, str(e))) from None
-            continue
-        if key in ("cfg", "shift") and _is_int(value):
-            value = float(value)
-        problem = value_problem(key, value)
-        if problem:
-            raise ConfigError(where(key, None, 0, problem))
-        setattr(preset, key, value)
+        elif key in _BY_KEY:
+            setting = _BY_KEY[key]
+            value = setting.coerce(value)
+            problem = setting.problem(value)
+            if problem:
+                raise ConfigError(where(key, None, 0, problem))
+            setattr(preset, setting.name, value)
+        else:  # model, description: text that only presets carry
+            if not isinstance(value, str):
+                raise ConfigError(where(key, None, 0, f"{key} must be a string, not {value!r}"))
+            setattr(preset, key, value)
     if "size" in data and ("width" in data or "height" in data):
         raise ConfigError(where("width" if "width" in data else "height", None, 0,
                                 "set either size or width/height, not both"))
@@ -284,52 +211,6 @@ def load_preset(name_or_path: str | Path) -> Preset:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read preset ({e.__class__.__name__}: {e}); check the file") from None
     return parse_preset(text, path, name)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Resolution
-
-
-def combine_loras(*layers: list[LoraSpec] | None) -> list[LoraSpec]:
-    """Merge LoRA lists from lowest to highest precedence.
-
-    Rule: a name (compared as written) keeps the place where it first appeared, and the weight of its last
-    appearance wins, so `--lora turbo:0.5` retunes a preset's turbo LoRA instead of stacking a second copy. A final
-    weight of 0 removes the LoRA (`--lora turbo:0` switches a preset's LoRA off).
-    """
-    merged: dict[str, float] = {}
-    for layer in layers:
-        for spec in layer or []:
-            merged[spec.name] = spec.weight
-    return [LoraSpec(name, weight) for name, weight in merged.items() if weight != 0]
-
-
-def resolve(
-    preset: Preset | None, stack: list[LoraSpec], flags: GenParams, defaults: GenParams = DEFAULTS
-) -> GenParams:
-    """Fill every field: defaults < preset < persistent LoRA stack < explicit flags (None = not given)."""
-    for f in fields(GenParams):
-        value = getattr(flags, f.name)
-        if value is not None:
-            problem = value_problem(f.name, value)
-            if problem:
-                raise ConfigError(f"--{'lora' if f.name == 'loras' else f.name}: {problem}")
-    out = GenParams()
-    for f in fields(GenParams):
-        if f.name == "loras":
-            continue
-        value = getattr(flags, f.name)
-        if value is None and preset is not None:
-            value = getattr(preset, f.name)
-        if value is None:
-            value = getattr(defaults, f.name)
-        setattr(out, f.name, value)
-    out.loras = combine_loras(defaults.loras, preset.loras if preset else None, stack, flags.loras)
-    if out.cfg is not None:
-        out.cfg = float(out.cfg)
-    if out.shift is not None:
-        out.shift = float(out.shift)
-    return out
 
 
 def resolve_model(preset: Preset | None, flag_model: str | None) -> str | None:

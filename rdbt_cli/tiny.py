@@ -188,14 +188,14 @@ def ensure_tiny_models(root: str | os.PathLike | None = None):
     """The embedded tiny model (DiT, text encoder, VAE, tokenizers) under user_dir()/tiny-vN, built once.
 
     Built in a temporary folder and renamed into place, so concurrent first runs (torchrun ranks) never see a half
-    written model. Returns pipeline.ModelPaths.
+    written model. Returns config.ModelPaths.
     """
     import shutil
     import tempfile
     from pathlib import Path
 
     from rdbt_cli.config import user_dir
-    from rdbt_cli.pipeline import ModelPaths
+    from rdbt_cli.config import ModelPaths
 
     root = Path(root) if root is not None else user_dir() / f"tiny-v{TINY_VERSION}"
     paths = ModelPaths(

@@ -5,10 +5,12 @@ from collections import Counter
 import pytest
 
 from rdbt_cli.batch import (
-    Job, Manifest, batch_id, line_seed, load_done, manifest_path, merge_flags, parse_batch, parse_lora_arg, plan_jobs,
+    Manifest, Task, batch_id, line_seed, load_done, manifest_path, parse_batch, plan_jobs,
     read_batch_source, torchrun_env,
 )
-from rdbt_cli.config import GenParams, LoraSpec
+from rdbt_cli.config import LoraSpec
+from rdbt_cli.settings import GenParams, layer, parse_lora_arg
+
 from rdbt_cli.errors import ConfigError
 
 BATCH = """\
@@ -100,10 +102,10 @@ def test_parse_lora_arg():
 def test_merge_flags_line_beats_command():
     base = GenParams(steps=10, cfg=2.0, loras=[LoraSpec("a", 1.0)])
     line = parse_batch("p --steps 4 --lora b:0.5")[0].overrides
-    out = merge_flags(base, line)
+    out = layer(base, line)
     assert (out.prompt, out.steps, out.cfg) == ("p", 4, 2.0)
     assert out.loras == [LoraSpec("a", 1.0), LoraSpec("b", 0.5)]
-    assert merge_flags(GenParams(), GenParams()).loras is None
+    assert layer(GenParams(), GenParams()).loras is None
 
 
 def test_line_seed_is_stable_per_batch_and_line():
@@ -207,7 +209,7 @@ def test_load_done_can_require_files(tmp_path):
 def test_job_key_changes_with_line_text():
     a = plan_jobs(parse_batch("a --steps 3\n"), [1])[0]
     b = plan_jobs(parse_batch("a --steps 4\n"), [1])[0]
-    assert isinstance(a, Job) and a.lineno == b.lineno and a.key != b.key
+    assert isinstance(a, Task) and a.lineno == b.lineno and a.key != b.key
 
 
 def test_torchrun_env():

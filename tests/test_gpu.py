@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rdbt_cli import engine, pipeline
-from rdbt_cli.config import GenParams
+from rdbt_cli.settings import GenParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,7 +22,7 @@ def tiny_paths():
 
 
 def _image(paths, gen=GEN, **load):
-    eng = pipeline.Engine.load(paths, **load)
+    eng = pipeline.Models.load(paths, **load)
     return pipeline.generate(eng, gen, seed=7)
 
 

@@ -18,15 +18,20 @@ ALLOWED = {
     "lora": {"errors", "config", "discovery"},
     "lora_stack": {"config", "errors", "discovery"},
     "text": {"config", "errors"},
-    "presets": {"config", "errors"},
-    "metadata": {"config", "errors"},
+    "settings": {"config", "errors"},
+    "presets": {"config", "errors", "settings"},
+    "metadata": {"config", "errors", "settings"},
     "engine": {"config", "discovery", "errors"},
-    "batch": {"config", "errors", "presets"},
     "pipeline": {"config", "engine", "errors", "sampling", "text", "lora"},
-    "tiny": {"config", "engine", "text", "pipeline"},
+    "tiny": {"config", "engine", "text"},
+    "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny"},
+    "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
+    "batch": {"config", "errors", "settings", "jobs", "metadata", "runner"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
 }
-TORCH_FREE = ["config", "errors", "discovery", "lora_stack", "text", "presets", "metadata", "batch", "cli"]
+TORCH_FREE = [
+    "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "cli",
+]
 
 
 def _rdbt_imports(module: str) -> set[str]:

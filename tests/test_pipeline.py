@@ -8,7 +8,8 @@ import torch
 
 from conftest import SHARED, shared_path
 from rdbt_cli import pipeline
-from rdbt_cli.config import GenParams
+from rdbt_cli.config import ModelPaths
+from rdbt_cli.settings import GenParams
 
 CASES_FILE = SHARED / "golden" / "cases.json"
 CASES = json.loads(CASES_FILE.read_text())["cases"] if CASES_FILE.exists() else []
@@ -17,14 +18,14 @@ CASES = json.loads(CASES_FILE.read_text())["cases"] if CASES_FILE.exists() else 
 @pytest.fixture(scope="module")
 def golden_engine():
     models = shared_path("golden", "models")
-    paths = pipeline.ModelPaths(
+    paths = ModelPaths(
         dit=models / "diffusion_models" / "anima_tiny.safetensors",
         text_encoder=models / "text_encoders" / "qwen_3_06b_tiny.safetensors",
         vae=models / "vae" / "qwen_image_vae_tiny.safetensors",
         qwen_tokenizer=models / "tokenizers" / "qwen" / "tokenizer.json",
         t5_tokenizer=models / "tokenizers" / "t5" / "tokenizer.json",
     )
-    return pipeline.Engine.load(paths, device="cpu", dtype="fp32")
+    return pipeline.Models.load(paths, device="cpu", dtype="fp32")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

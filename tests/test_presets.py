@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from rdbt_cli import presets
-from rdbt_cli.config import DEFAULTS, SAMPLER_NAMES, SCHEDULER_NAMES, GenParams, LoraSpec, user_dir
+from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoraSpec, user_dir
+from rdbt_cli.settings import DEFAULTS, GenParams, parse_size, resolve
 from rdbt_cli.errors import ConfigError
 from rdbt_cli.presets import (
-    PRESET_KEYS, Preset, list_presets, load_preset, parse_size, resolve, resolve_model,
+    PRESET_KEYS, Preset, list_presets, load_preset, resolve_model,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,166 @@
+"""From what a user asked for to fully resolved jobs: settings, model files and LoRA files, all before any weights load.
+
+A `Job` is one image: its complete settings (every row of settings.SETTINGS filled), its seed, the preset it came
+from, the model it asks for and its LoRA files. `Planner` makes jobs for one load (device, models folder, model
+flags): it layers defaults < preset < persistent LoRA stack < flags < batch line, merges LoRAs by file, and finds
+every file, caching what a batch would otherwise read once per line. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from rdbt_cli import discovery, lora_stack, presets, settings, text
+from rdbt_cli.config import LoadParams, LoraSpec, ModelPaths
+from rdbt_cli.settings import DEFAULTS, GenParams
+
+TINY = "tiny"
+# The embedded tiny model is for trying the pipeline, so its defaults keep a CPU run to a few seconds.
+TINY_DEFAULTS = GenParams(width=256, height=256, steps=12)
+
+
+@dataclass
+class Job:
+    settings: GenParams  # every field resolved; `loras` holds the merged stack as resolved files' names
+    seed: int
+    index: int = 0  # within the settings' count: seed = first seed + index
+    preset: Optional[str] = None
+    model: Optional[str] = None  # as asked: "tiny", a path or a name in the models folder; None = the one there
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # files and weights, none of weight 0
+    extra: dict = field(default_factory=dict)  # recorded as they are (a batch's line and job key)
+
+
+def random_seed() -> int:
+    return random.getrandbits(63)
+
+
+class Planner:
+    """Resolves settings and files for one load; reads each preset, the LoRA stack and each LoRA name once."""
+
+    def __init__(self, load: LoadParams, *, no_stack: bool = False):
+        self.load = load
+        self.no_stack = no_stack
+        self._presets: dict = {}
+        self._stack: Optional[list[LoraSpec]] = None
+        self._paths: dict = {}
+        self._lora_files: dict = {}
+
+    def models_dirs(self) -> list[Path]:
+        return list(discovery.models_dirs(self.load.models_dir))
+
+    def preset(self, name: Optional[str]):
+        if name and name not in self._presets:
+            self._presets[name] = presets.load_preset(name)
+        return self._presets[name] if name else None
+
+    def stack(self) -> list[LoraSpec]:
+        if self._stack is None:
+            self._stack = [] if self.no_stack else lora_stack.load_stack()
+        return self._stack
+
+    def settings(self, flags: GenParams, preset_name: Optional[str] = None, base: Optional[GenParams] = None,
+                 model_flag: Optional[str] = None):
+        """(settings, preset, model name): defaults < (a recipe of --from) < preset < stack < flags.
+
+        LoRAs stay as layered, zeros included, for `lora_files` to merge by file."""
+        preset = self.preset(preset_name)
+        model = presets.resolve_model(preset, model_flag)
+        defaults = settings.layer(DEFAULTS, TINY_DEFAULTS if model == TINY else None, base)
+        return settings.resolve(preset, self.stack(), flags, defaults=defaults, lora_key=None), preset, model
+
+    def paths(self, model: Optional[str]) -> ModelPaths:
+        """Model, text encoder, VAE and tokenizer files, all checked before any weights are read."""
+        if model not in self._paths:
+            self._paths[model] = self._find_paths(model)
+        return self._paths[model]
+
+    def _find_paths(self, model: Optional[str]) -> ModelPaths:
+        if model == TINY:
+            from rdbt_cli.tiny import ensure_tiny_models
+
+            return ensure_tiny_models()
+        dirs = self.models_dirs()
+        dit = discovery.resolve_component("dit", model, dirs)
+        te = discovery.resolve_component("te", self.load.text_encoder, dirs)
+        vae = discovery.resolve_component("vae", self.load.vae, dirs)
+        for path in (dit, te, vae):
+            discovery.read_safetensors_header(path)  # a truncated or pickled file fails here, before anything loads
+        qwen, t5 = text.find_tokenizers(self.load.qwen_tokenizer, self.load.t5_tokenizer, text_encoder=te,
+                                        models_dirs=dirs)
+        return ModelPaths(dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen, t5_tokenizer=t5)
+
+    def identity(self, model: Optional[str]) -> str:
+        """What a model name means on disk ('tiny' or a real path), so two spellings of one file compare equal."""
+        if model == TINY:
+            return TINY
+        return os.path.realpath(self.paths(model).dit if model in self._paths else
+                                discovery.resolve_component("dit", model, self.models_dirs()))
+
+    def lora_dirs(self, dit: Optional[Path] = None) -> list[Path]:
+        """The loras/ folder beside the model's own folder first (ComfyUI layout), then the models folders'."""
+        beside = []
+        if dit is not None and Path(dit).parent.name in discovery.KIND_FOLDERS["dit"]:
+            beside.append(Path(dit).parent.parent / "loras")
+        candidates = [*beside, *(d / sub for d in self.models_dirs() for sub in discovery.KIND_FOLDERS["lora"])]
+        return discovery._dedupe(d for d in candidates if d.is_dir())
+
+    def lora_files(self, specs: list[LoraSpec], paths: ModelPaths) -> list[tuple[Path, float]]:
+        """Names to files, merged by file (settings.combine_loras): a LoRA named two ways (stack `turbo`, flag
+        `anima-turbo-lora`) is merged once, at its last weight, in the place it first appeared; weight 0, however
+        it is spelled, leaves it out."""
+        dirs = self.lora_dirs(paths.dit)
+        found: dict[str, Path] = {}
+        for spec in specs:
+            if spec.name not in self._lora_files:
+                self._lora_files[spec.name] = lora_stack.resolve_lora_name(spec.name, dirs)
+            found[spec.name] = self._lora_files[spec.name]
+        merged = settings.combine_loras(specs, key=lambda s: os.path.realpath(found[s.name]))
+        return [(found[s.name], s.weight) for s in merged]
+
+    def job(self, gen: GenParams, seed: int, index: int, paths: ModelPaths, preset=None, model=None,
+            **extra) -> Job:
+        files = self.lora_files(gen.loras or [], paths)
+        merged = replace(gen, loras=[LoraSpec(Path(p).stem, w) for p, w in files])
+        return Job(merged, seed % 2**64, index, getattr(preset, "name", None), model, files, extra)
+
+
+def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = None, *, preset: Optional[str] = None,
+         no_stack: bool = False, recipe: Optional[dict] = None) -> tuple[list[Job], LoadParams, ModelPaths]:
+    """What `rdbt gen` makes: `count` jobs with consecutive seeds, and what to load (settings and files).
+
+    `recipe` (read back from a PNG) comes under the preset and the flags; its complete LoRA stack replaces the
+    persistent one, and its model files are used unless `load` names others.
+    """
+    flags = replace(flags or GenParams(), prompt=prompt)
+    base = None
+    if recipe is not None:
+        from rdbt_cli.metadata import recipe_settings
+
+        base, recorded = recipe_settings(recipe)
+        load = replace(load, model=load.model or recorded["model"])
+        if load.dtype == "auto" and recorded.get("weights_fp8"):
+            load = replace(load, dtype="fp8")  # fp8 storage changes LoRA merges (requantised) and so the image
+        elif load.dtype == "auto" and recorded.get("dtype") in _RECORDED_DTYPES:
+            load = replace(load, dtype=_RECORDED_DTYPES[recorded["dtype"]])  # same precision, same image
+        if load.model != TINY:
+            load = replace(load, text_encoder=load.text_encoder or recorded["text_encoder"],
+                           vae=load.vae or recorded["vae"])
+        no_stack = True
+    planner = Planner(load, no_stack=no_stack)
+    gen, preset_obj, model = planner.settings(flags, preset, base, load.model)
+    if not gen.prompt:
+        from rdbt_cli.errors import ConfigError
+
+        raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
+    planner.load = replace(load, model=model)
+    paths = planner.paths(model)
+    first = gen.seed if gen.seed is not None else random_seed()
+    jobs = [planner.job(gen, first + i, i, paths, preset_obj, model) for i in range(gen.count or 1)]
+    return jobs, planner.load, paths
+
+
+_RECORDED_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

@@ -1,0 +1,321 @@
+"""The table of generation settings, and the one rule that layers them.
+
+Each `Setting` row says everything rdbt knows about one setting: its type, default, allowed values (and the reason
+shown when a value is refused), help text, CLI flags, preset key, whether a batch line may override it, its key in
+the recorded recipe and its A1111 `parameters` label. The Typer options of every generating command, the batch-line
+parser, preset validation, the recipe and `--from`, `inspect`, the A1111 text and request validation all read this
+table, so a new setting is one row here plus the code that uses its value.
+
+`GenParams` (what to make) is built from the table: one field per row, None meaning "not given". `layer` is the one
+"upper value if set, else lower" rule; `resolve` applies it to defaults < preset < persistent LoRA stack < flags.
+No torch here, so every value is checked before any weights are read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Callable, Optional
+
+from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoraSpec
+from rdbt_cli.errors import ConfigError
+
+GEN_PANEL = "Generation"
+
+MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range
+DEFAULT_SHIFT = 3.0
+
+# A1111/Forge labels for the ComfyUI sampler and scheduler names they share (formats.md §4.1). Names without an A1111
+# label (er_sde, sa_solver_pece, res_multistep, linear_quadratic, ...) are written as the ComfyUI name.
+A1111_SAMPLERS = {
+    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "lms": "LMS", "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a", "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "dpm_fast": "DPM fast",
+    "dpm_adaptive": "DPM adaptive", "ddim": "DDIM", "uni_pc": "UniPC", "lcm": "LCM",
+}
+A1111_SCHEDULERS = {
+    "simple": "Simple", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform", "beta": "Beta", "kl_optimal": "KL Optimal", "ddim_uniform": "DDIM",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Value rules. Each returns the problem as text (None when fine), so every caller can put its own "where" in front:
+# a file and line, a flag, a batch line or a recorded recipe.
+
+
+def is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _choice(what: str, names: tuple[str, ...]) -> Callable[[str, object], Optional[str]]:
+    def check(key, value):
+        if not isinstance(value, str) or value not in names:
+            return f"unknown {what} {value!r}; valid {what}s: {', '.join(names)}"
+        return None
+
+    return check
+
+
+def _whole(low: int, high: int, why: str = "") -> Callable[[str, object], Optional[str]]:
+    def check(key, value):
+        if not is_int(value):
+            return f"{key} must be a whole number, not {value!r}"
+        if value < low:
+            return f"{key} must be at least {low}, not {value}"
+        if value > high:
+            return f"{key} must be at most {high}{why}, not {value}"
+        return None
+
+    return check
+
+
+def _seed(key, value):
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
+        return f"seed must be a whole number from 0 to {MAX_SEED}, not {value!r}"
+    return None
+
+
+def _real(low: float, high: float, low_text: str, inclusive: bool = True) -> Callable[[str, object], Optional[str]]:
+    def check(key, value):
+        if not is_number(value):
+            return f"{key} must be a number, not {value!r}"
+        if value < low or (value == low and not inclusive):
+            return f"{key} must be {low_text}, not {value}"
+        if value > high:
+            return f"{key} must be at most {high:g}, not {value}"
+        return None
+
+    return check
+
+
+MAX_SIDE = 16384  # the VAE decodes tiles, but a side past this is a typo, not a picture (4 GB of latent activations)
+
+
+def _side(key, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{key} must be a whole number of pixels, not {value!r}"
+    if value <= 0 or value % 16:
+        return f"{key} {value} must be a positive multiple of 16 (e.g. 832x1216, 1024x1024)"
+    if value > MAX_SIDE:
+        return f"{key} {value} is more than {MAX_SIDE} pixels; Anima is made for about 1 megapixel (e.g. 1024x1024)"
+    return None
+
+
+def _text(key, value):
+    if not isinstance(value, str):
+        return f"{key} must be a string, not {value!r}"
+    return None
+
+
+def _loras(key, value):
+    if not isinstance(value, list):
+        return f"LoRAs must be a list of NAME:WEIGHT, not {value!r}"
+    for spec in value:
+        if not isinstance(spec, LoraSpec) or not isinstance(spec.name, str) or not spec.name:
+            return f"every LoRA needs a name, got {spec!r}"
+        if not is_number(spec.weight):
+            return f"LoRA {spec.name} weight must be a number, not {spec.weight!r}"
+    return None
+
+
+_WEIGHT = re.compile(r"^(.*):([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
+
+
+def parse_lora_arg(text: str) -> LoraSpec:
+    """"name:0.7" -> LoraSpec("name", 0.7); only a trailing `:<number>` is a weight, so `C:\\loras\\x` stays a name."""
+    text = text.strip()
+    m = _WEIGHT.match(text)
+    name, weight = (m.group(1), float(m.group(2))) if m else (text, 1.0)
+    if not name:
+        raise ConfigError(f'--lora "{text}": missing the LoRA name; write NAME or NAME:WEIGHT, e.g. style:0.7')
+    return LoraSpec(name, weight)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"832x1216" -> (832, 1216); both sides positive multiples of 16 (the VAE's 8× times the DiT's 2× patches)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
+    if not m:
+        raise ConfigError(f'size "{text}" is not WIDTHxHEIGHT; write it like 832x1216')
+    w, h = int(m.group(1)), int(m.group(2))
+    problem = _side("width", w) or _side("height", h)
+    if problem:
+        raise ConfigError(f'size "{text}": {problem}')
+    return w, h
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the GenParams field
+    type: type  # the Python type of one value (list for LoRAs)
+    default: object  # Anima's default (the official template); None: resolved elsewhere (seed: random)
+    help: str
+    check: Callable[[str, object], Optional[str]]
+    flags: tuple[str, ...] = ()  # CLI flags, long name last; () = no option (the prompt is an argument)
+    preset: Optional[str] = None  # key in a preset's TOML; None = presets cannot set it
+    batch: bool = True  # a batch line may override it with its flag
+    recipe: Optional[str] = None  # key in the rdbt recipe; None = not recorded as such
+    a1111: Optional[str] = None  # label in the A1111 `parameters` line
+    a1111_names: Optional[dict] = None  # value -> A1111 label where they differ
+    a1111_omit: object = None  # a value the A1111 line leaves out (as Forge leaves out default fields)
+    a1111_extension: bool = False  # written after the model fields, as A1111 extensions are
+
+    @property
+    def flag(self) -> str:
+        return self.flags[-1] if self.flags else f"--{self.name}"
+
+    def coerce(self, value):
+        """A value from TOML/JSON/text as this setting's type: whole numbers are valid floats; text is converted."""
+        if self.type is float and is_int(value):
+            return float(value)
+        return value
+
+    def from_text(self, text: str):
+        """A flag's text value (batch lines, sweeps); raises ConfigError naming the flag."""
+        if self.type is list:
+            return [parse_lora_arg(text)]
+        if self.type in (int, float):
+            try:
+                return self.type(text)
+            except ValueError:
+                kind = "a whole number" if self.type is int else "a number"
+                raise ConfigError(f"{self.flag} needs {kind}, not {text!r}") from None
+        return text
+
+    def problem(self, value) -> Optional[str]:
+        return self.check(self.name, value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("prompt", str, None, "The prompt, in ComfyUI weight syntax: (word:1.2).", _text, batch=False,
+            recipe="prompt"),
+    Setting("negative", str, "", "Negative prompt.", _text, ("-n", "--negative"), preset="negative",
+            recipe="negative"),
+    Setting("steps", int, 30, "Sampling steps.", _whole(1, 10_000, " (a flow model settles long before)"),
+            ("--steps",), preset="steps", recipe="steps", a1111="Steps"),
+    Setting("sampler", str, "er_sde", f"One of: {', '.join(SAMPLER_NAMES)}.", _choice("sampler", SAMPLER_NAMES),
+            ("--sampler",), preset="sampler", recipe="sampler", a1111="Sampler", a1111_names=A1111_SAMPLERS),
+    Setting("scheduler", str, "simple", f"One of: {', '.join(SCHEDULER_NAMES)}.",
+            _choice("scheduler", SCHEDULER_NAMES), ("--scheduler",), preset="scheduler", recipe="scheduler",
+            a1111="Schedule type", a1111_names=A1111_SCHEDULERS),
+    Setting("cfg", float, 4.0, "CFG scale; 1 skips the negative prompt (twice as fast).",
+            _real(0.0, 100.0, "0 or more (1 turns guidance off)"), ("--cfg",), preset="cfg", recipe="cfg",
+            a1111="CFG scale"),
+    Setting("seed", int, None, "Seed (random if absent, a fixed one per batch line; always recorded).", _seed,
+            ("--seed",), recipe="seed", a1111="Seed"),
+    Setting("width", int, 1024, "Width (multiple of 16).", _side, ("--width",), preset="width", recipe="width"),
+    Setting("height", int, 1024, "Height (multiple of 16).", _side, ("--height",), preset="height",
+            recipe="height"),
+    Setting("shift", float, DEFAULT_SHIFT, "Flow shift (ModelSamplingAuraFlow), default 3.",
+            _real(0.0, 100.0, "greater than 0 (Anima uses 3)", inclusive=False), ("--shift",), preset="shift",
+            recipe="shift", a1111="Shift", a1111_omit=DEFAULT_SHIFT, a1111_extension=True),
+    Setting("count", int, 1, "Images to make (per batch line), with seeds seed, seed+1, …",
+            _whole(1, 100_000), ("--count",)),
+    Setting("loras", list, [], "NAME[:WEIGHT], repeatable; on top of the persistent stack.", _loras, ("--lora",),
+            preset="lora"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+BY_FLAG = {flag: s for s in SETTINGS for flag in s.flags}
+
+# `--size WxH` (and a preset's `size`) sets width and height together.
+SIZE_FLAG = "--size"
+SIZE_HELP = "WxH, multiples of 16, e.g. 832x1216."
+
+
+def _gen_params_doc():
+    return "What to make: one field per row of settings.SETTINGS. None means \"not given\"; `resolve` fills them."
+
+
+GenParams = make_dataclass(
+    "GenParams", [(s.name, Optional[s.type], field(default=None)) for s in SETTINGS],
+    namespace={"__doc__": _gen_params_doc(), "__module__": __name__},
+)
+
+DEFAULTS = GenParams(**{s.name: s.default for s in SETTINGS})
+
+
+def value_problem(name: str, value: object) -> Optional[str]:
+    """What is wrong with `value` (already of its Python type) for the setting `name`."""
+    return BY_NAME[name].problem(value)
+
+
+def check_all(params, where: Callable[[Setting], str]) -> None:
+    """Every given value of `params` through its row's rule; the first problem raises with `where(row)` in front."""
+    for s in SETTINGS:
+        value = getattr(params, s.name)
+        if value is not None:
+            problem = s.problem(value)
+            if problem:
+                raise ConfigError(f"{where(s)}: {problem}")
+
+
+def from_flags(values: dict, size: Optional[str] = None):
+    """GenParams from option values by setting name (None = not given), each checked as its flag."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if "loras" in given:
+        given["loras"] = [parse_lora_arg(t) if isinstance(t, str) else t for t in given["loras"]]
+    if size is not None:
+        w, h = parse_size(size)
+        given.setdefault("width", w)
+        given.setdefault("height", h)
+    params = GenParams(**{k: BY_NAME[k].coerce(v) for k, v in given.items()})
+    check_all(params, lambda s: s.flag)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layering
+
+
+def layer(*layers):
+    """The one precedence rule: for each setting the last layer that sets it wins; LoRA lists add up in layer order
+    (None when no layer has one), for `combine_loras` to settle."""
+    out = GenParams()
+    for params in layers:
+        if params is None:
+            continue
+        for f in fields(GenParams):
+            value = getattr(params, f.name)
+            if value is None:
+                continue
+            if f.name == "loras" and out.loras is not None:
+                value = [*out.loras, *value]
+            setattr(out, f.name, list(value) if f.name == "loras" else value)
+    return out
+
+
+def combine_loras(specs: list[LoraSpec], key: Callable[[LoraSpec], object] = lambda s: s.name) -> list[LoraSpec]:
+    """LoRAs from lowest to highest precedence, one entry per `key` (the name as written, or the resolved file).
+
+    An entry keeps the place where it first appeared, and the weight of its last appearance wins, so
+    `--lora turbo:0.5` retunes a preset's turbo LoRA instead of stacking a second copy; a final weight of 0 removes
+    it (`--lora turbo:0` switches a preset's LoRA off).
+    """
+    merged: dict[object, LoraSpec] = {}
+    for spec in specs:
+        merged[key(spec)] = spec
+    return [spec for spec in merged.values() if spec.weight != 0]
+
+
+def resolve(preset, stack: list[LoraSpec], flags, defaults=DEFAULTS, lora_key=lambda s: s.name):
+    """Fill every setting: defaults < preset < persistent LoRA stack < explicit flags (None = not given).
+
+    LoRAs are merged by `lora_key` (the name as written); with None they stay layered, zeros included, for a caller
+    that merges them by resolved file."""
+    check_all(flags, lambda s: s.flag)
+    out = layer(defaults, preset, GenParams(loras=list(stack)), flags)
+    out.loras = out.loras or []
+    if lora_key is not None:
+        out.loras = combine_loras(out.loras, lora_key)
+    for s in SETTINGS:
+        setattr(out, s.name, s.coerce(getattr(out, s.name)))
+    return out
