@@ -13,7 +13,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 from rdbt_cli.config import user_dir
 from rdbt_cli.errors import CheckpointError, ConfigError
@@ -74,7 +74,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def strip_prefix(keys, prefixes) -> str:
     """The prefix among `prefixes` that most keys start with (more than 5, as ComfyUI requires), or ''."""
-    counts = {pre: sum(1 for k in keys if k.startswith(pre)) for pre in prefixes}
+    counts = {pre: sum(1 for k in keys if k.startswith(pre)) for pre in prefixes if pre}  # '' is the fallback
     best = max(counts, key=counts.get, default="")
     return best if counts.get(best, 0) > 5 else ""
 
@@ -84,25 +84,127 @@ def is_ignored_key(key: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# classification (spec/formats.md §1.7)
+# file formats and classification (spec/formats.md §1.3, §1.7)
 # ---------------------------------------------------------------------------------------------------------------------
 
-KINDS = ("dit", "te", "vae", "lora", "aio", "cosmos_dit", "diffusers_dit", "gguf", "pickle", "broken", "unknown")
 MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf") + PICKLE_SUFFIXES + (".pt2",)
+# The prefixes a file's keys are voted between when no row below claims it (LoRAs, unknown files).
 PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.", "first_stage_model.", "cond_stage_model.", "text_encoders.")
 
 DIT_KEY = "blocks.0.mlp.layer1.weight"
 ADAPTER_KEY = "llm_adapter.blocks.0.cross_attn.q_proj.weight"
-TE_KEY = "model.layers.0.self_attn.q_norm.weight"
-VAE_KEY = "decoder.middle.0.residual.0.gamma"
 WAN22_VAE_KEY = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 # Key segments that only adapters carry (formats.md §2.1); `lora.up` / `lora.down` are matched as a pair below.
 ADAPTER_SEGMENTS = frozenset(
     "lora_up lora_down lora_mid lora_A lora_B lora_linear_layer hada_w1_a hada_w1_b hada_w2_a hada_w2_b hada_t1 hada_t2 "
     "lokr_w1 lokr_w2 lokr_w1_a lokr_w1_b lokr_w2_a lokr_w2_b lokr_t2 oft_blocks oft_diag lora_magnitude_vector".split()
 )
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _key_is_adapter(key: str) -> bool:
+    parts = key.split(".")
+    if any(p in ADAPTER_SEGMENTS or p.endswith("_lora") for p in parts) or parts[-1] in ("diff", "diff_b", "dora_scale"):
+        return True
+    return any(a == "lora" and b in ("up", "down") for a, b in zip(parts, parts[1:]))
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """One kind of file users have, told by its tensor names.
+
+    `classify` and the engine's loaders read the same rows, so what `rdbt models` calls a file and why a loader
+    refuses it ("not a VAE but a text encoder; pass it with --text-encoder") cannot drift apart.
+    """
+
+    kind: str  # what classify() reports
+    label: str  # how messages name it
+    fix: str  # what to do with such a file when it was given where another kind was asked for
+    prefixes: tuple[str, ...] = ("",)  # where its keys sit, first match wins; '' is bare keys
+    markers: tuple[str, ...] = ()  # keys (after the prefix) that together identify it
+    absent: tuple[str, ...] = ()  # keys (after the prefix) whose presence makes it another row
+    hints: tuple[str, ...] = ()  # key fragments that still betray it in a partial or oddly prefixed file
+    instead: str = ""  # what to give when this kind was asked for and the file is none
+
+    def prefix_in(self, keys: Collection[str]) -> str | None:
+        """The first of `prefixes` under which `keys` hold every marker and no `absent` key, or None."""
+        if not self.markers:
+            return None
+        return next((pre for pre in self.prefixes if all(pre + m in keys for m in self.markers)
+                     and not any(pre + a in keys for a in self.absent)), None)
+
+    def locate(self, keys: Iterable[str], path: str | os.PathLike) -> str:
+        """The prefix of this kind's keys in the file at `path`; a CheckpointError saying what the file is otherwise."""
+        keys = set(keys)
+        prefix = self.prefix_in(keys)
+        if prefix is not None:
+            return prefix
+        other = looks_like(keys)
+        if other is None or other is self:
+            raise CheckpointError(f"{path}: not {self.label} (no {self.prefixes[0]}{self.markers[0]}); {self.instead}")
+        raise CheckpointError(f"{path}: not {self.label} but {other.label}; {other.fix}")
+
+
+DIT_FILE = FileFormat(
+    "dit", "an Anima diffusion model", "pass it with --model",
+    prefixes=("net.", "model.diffusion_model.", "diffusion_model.", ""),
+    markers=(DIT_KEY, ADAPTER_KEY),
+    hints=("x_embedder.proj.1.", "blocks.0.mlp.layer1."),
+    instead="use an Anima model file",
+)
+TE_FILE = FileFormat(
+    "te", "a Qwen3 text encoder", "pass it with --text-encoder",
+    # the release, ComfyUI's clip state dict, an all-in-one checkpoint, the `text_encoders.` name space, bare keys
+    prefixes=("model.", "qwen3_06b.transformer.model.", "cond_stage_model.qwen3_06b.transformer.model.",
+              "text_encoders.qwen3_06b.transformer.model.", ""),
+    markers=("layers.0.self_attn.q_norm.weight",),  # ComfyUI's detection key (comfy/sd.py detect_te_model)
+    hints=("embed_tokens.", "layers.0.self_attn.", "layers.0.mlp.gate_proj"),
+    instead="pass the qwen_3_06b_base.safetensors text encoder",
+)
+VAE_FILE = FileFormat(
+    "vae", "a Wan 2.1 / Qwen-Image VAE", "pass it with --vae",
+    prefixes=("", "first_stage_model."),
+    markers=("decoder.middle.0.residual.0.gamma",),
+    absent=(WAN22_VAE_KEY,),
+    hints=("decoder.middle.", "encoder.downsamples.", "decoder.upsamples."),
+    instead="use qwen_image_vae.safetensors",
+)
+LORA_FILE = FileFormat("lora", "a LoRA", "pass it with --lora")  # told by ADAPTER_SEGMENTS, not by markers
+COMPONENT_FILES = (DIT_FILE, TE_FILE, VAE_FILE)  # what an all-in-one checkpoint bundles
+
+# Every row with markers or hints, in the order they are tried; the look-alikes are files users confuse with Anima's.
+FORMATS = (
+    DIT_FILE,
+    FileFormat("cosmos_dit", "a Cosmos-Predict2 DiT without Anima's LLM adapter", DIT_FILE.instead,
+               DIT_FILE.prefixes, (DIT_KEY,), absent=(ADAPTER_KEY,)),
+    FileFormat("diffusers_dit", "a diffusers-format transformer", "use the ComfyUI split file (net.* keys)",
+               DIT_FILE.prefixes, ("transformer_blocks.0.attn1.to_q.weight", "patch_embed.proj.weight"),
+               hints=("transformer_blocks.0.attn1.to_q",)),
+    TE_FILE,
+    FileFormat("unknown", "a Wan 2.2 VAE (z 48)", VAE_FILE.instead, VAE_FILE.prefixes, (WAN22_VAE_KEY,)),
+    VAE_FILE,
+    FileFormat("unknown", "a diffusers-format Qwen-Image VAE", VAE_FILE.instead, VAE_FILE.prefixes,
+               ("decoder.mid_block.resnets.0.norm1.gamma",)),
+    FileFormat("unknown", "an SD/SDXL/Flux-style VAE", VAE_FILE.instead,
+               hints=("decoder.mid.", "decoder.up.", "decoder.mid_block.")),
+    FileFormat("unknown", "an SD/SDXL/Flux/SD3 model", "rdbt runs Anima only",
+               hints=("input_blocks.", "double_blocks.", "joint_blocks.")),
+)
+
+
+def identify(keys: Collection[str]) -> tuple[FileFormat, str] | None:
+    """The first row of FORMATS whose markers `keys` hold, with the prefix they sit under."""
+    return next(((f, pre) for f in FORMATS if (pre := f.prefix_in(keys)) is not None), None)
+
+
+def looks_like(keys: Collection[str]) -> FileFormat | None:
+    """What a file most likely is, for messages: by its markers, else a LoRA by any adapter key, else by a hint."""
+    found = identify(keys)
+    if found:
+        return found[0]
+    if any(map(_key_is_adapter, keys)):
+        return LORA_FILE
+    return next((f for f in FORMATS if any(h in k for h in f.hints for k in keys)), None)
 
 
 @dataclass(frozen=True)
@@ -124,13 +226,6 @@ class FileInfo:
         return self.kind in ("dit", "te", "vae", "lora", "aio")
 
 
-def _key_is_adapter(key: str) -> bool:
-    parts = key.split(".")
-    if any(p in ADAPTER_SEGMENTS or p.endswith("_lora") for p in parts) or parts[-1] in ("diff", "diff_b", "dora_scale"):
-        return True
-    return any(a == "lora" and b in ("up", "down") for a, b in zip(parts, parts[1:]))
-
-
 def vote_prefix(keys: Iterable[str], prefixes: Sequence[str] = PREFIXES) -> str:
     """The prefix most keys start with ('' when keys without any listed prefix are the majority)."""
     counts = dict.fromkeys(prefixes, 0)
@@ -144,16 +239,6 @@ def vote_prefix(keys: Iterable[str], prefixes: Sequence[str] = PREFIXES) -> str:
             bare += 1
     best = max(prefixes, key=lambda p: counts[p], default="")
     return best if best and counts[best] > bare else ""
-
-
-def _anchor(keys: Iterable[str], anchor: str) -> str | None:
-    """The inner prefix under which `anchor` appears (e.g. 'qwen3_06b.transformer.'), or None."""
-    for k in keys:
-        if k == anchor:
-            return ""
-        if k.endswith("." + anchor):
-            return k[: -len(anchor)]
-    return None
 
 
 def _numel(shape) -> int:
@@ -250,55 +335,47 @@ def classify_header(header: dict, meta: dict) -> tuple[str, dict]:
     details: dict = {"tensors": len(header), "dtype": _dtype_summary(header)}
     if not keys:
         return "unknown", {**details, "note": "no tensors"}
+    details["prefix"] = vote_prefix(keys)
     if sum(map(_key_is_adapter, keys)) * 2 >= len(keys) or (
         any(map(_key_is_adapter, keys)) and all(_key_is_adapter(k) or k.endswith(".alpha") for k in keys)
     ):
-        details["prefix"] = vote_prefix(keys)
         return "lora", {**details, **_lora_details(header, meta)}
-    prefix = vote_prefix(keys)
-    details["prefix"] = prefix
     quant = _quant(header, meta)
     if quant:
         details["quant"] = quant
 
-    parts = {pre: {k[len(pre):]: header[k] for k in keys if k.startswith(pre)}
-             for pre in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")}
-    if parts["model.diffusion_model."] and (parts["first_stage_model."] or parts["cond_stage_model."]):
-        comps = ["dit"] + ["te"] * bool(parts["cond_stage_model."]) + ["vae"] * bool(parts["first_stage_model."])
-        details["prefix"] = "model.diffusion_model."
-        details["components"] = "+".join(comps)
-        return "aio", {**details, **_dit_details(parts["model.diffusion_model."])}
-
-    sub = {k[len(prefix):]: header[k] for k in keys if k.startswith(prefix)}
-    if DIT_KEY in sub:
-        if ADAPTER_KEY in sub:
-            return "dit", {**details, **_dit_details(sub)}
-        return "cosmos_dit", {**details, **_dit_details(sub), "note": "Cosmos-Predict2 without the LLM adapter"}
-    if "transformer_blocks.0.attn1.to_q.weight" in sub and "patch_embed.proj.weight" in sub:
-        n = len({k.split(".")[1] for k in sub if k.startswith("transformer_blocks.")})
-        return "diffusers_dit", {**details, "blocks": n, "note": "diffusers layout; use the ComfyUI split file"}
-    inner = _anchor(sub, TE_KEY)
-    if inner is not None:
-        layers = {m.group(1) for k in sub if (m := re.match(re.escape(inner) + r"model\.layers\.(\d+)\.", k))}
-        norm = sub.get(inner + "model.layers.0.post_attention_layernorm.weight")
-        emb = sub.get(inner + "model.embed_tokens.weight")
-        te = {"layers": len(layers), "width": int(norm["shape"][0]) if norm else None,
-              "vocab": int(emb["shape"][0]) if emb else None}
-        if inner:
-            details["prefix"] = prefix + inner
-        return "te", {**details, **{k: v for k, v in te.items() if v is not None}}
-    if VAE_KEY in sub:
-        if WAN22_VAE_KEY in sub:
-            return "unknown", {**details, "note": "Wan 2.2 VAE (Anima uses the Wan 2.1 / Qwen-Image VAE)"}
-        vae = {}
+    keyset = set(keys)
+    found = identify(keyset)
+    if found is None:
+        return "unknown", details
+    fmt, pre = found
+    sub = {k[len(pre):]: header[k] for k in keys if k.startswith(pre)}
+    details["prefix"] = pre
+    components = [f.kind for f in COMPONENT_FILES if f.prefix_in(keyset) is not None]
+    if fmt is DIT_FILE and len(components) > 1:
+        return "aio", {**details, "components": "+".join(components), **_dit_details(sub)}
+    if fmt not in COMPONENT_FILES:
+        details["note"] = f"{fmt.label}; {fmt.fix}"
+    if fmt.kind in ("dit", "cosmos_dit"):
+        details |= _dit_details(sub)
+    elif fmt.kind == "diffusers_dit":
+        details["blocks"] = len({k.split(".")[1] for k in sub if k.startswith("transformer_blocks.")})
+    elif fmt is TE_FILE:
+        details["prefix"] = pre.removesuffix("model.")  # shown as the wrapper around the Hugging Face names
+        layers = {m.group(1) for k in sub if (m := re.match(r"layers\.(\d+)\.", k))}
+        norm = sub.get("layers.0.post_attention_layernorm.weight")
+        emb = sub.get("embed_tokens.weight")
+        details["layers"] = len(layers)
+        if norm:
+            details["width"] = int(norm["shape"][0])
+        if emb:
+            details["vocab"] = int(emb["shape"][0])
+    elif fmt is VAE_FILE:
         if "encoder.conv1.weight" in sub:
-            vae["base_dim"] = int(sub["encoder.conv1.weight"]["shape"][0])
+            details["base_dim"] = int(sub["encoder.conv1.weight"]["shape"][0])
         if "conv2.weight" in sub:
-            vae["z_dim"] = int(sub["conv2.weight"]["shape"][0])
-        return "vae", {**details, **vae}
-    if "decoder.mid_block.resnets.0.norm1.gamma" in sub:
-        return "unknown", {**details, "note": "diffusers-format VAE; use qwen_image_vae.safetensors"}
-    return "unknown", details
+            details["z_dim"] = int(sub["conv2.weight"]["shape"][0])
+    return fmt.kind, details
 
 
 def classify(path: str | os.PathLike) -> FileInfo:
@@ -382,12 +459,12 @@ def _gguf_details(p: Path) -> dict:
     except (OSError, EOFError, ValueError, KeyError, struct.error):
         d["error"] = "unreadable GGUF header"
         return d
-    pre = vote_prefix(names)
-    sub = [n[len(pre):] for n in names if n.startswith(pre)]
-    if DIT_KEY in sub:
-        d["component"] = "dit" if ADAPTER_KEY in sub else "cosmos_dit"
-        d["blocks"] = _blocks(sub)
-    elif any(n.startswith(("blk.0.attn_q", "token_embd")) for n in sub):
+    found = identify(set(names))
+    if found and found[0].kind in ("dit", "cosmos_dit"):
+        fmt, pre = found
+        d["component"] = fmt.kind
+        d["blocks"] = _blocks(n[len(pre):] for n in names if n.startswith(pre))
+    elif any(n.startswith(("blk.0.attn_q", "token_embd")) for n in names):  # llama.cpp names (formats.md §1.6)
         d["component"] = "te"
     d["quant"] = "+".join(sorted(types))
     return d
@@ -441,13 +518,13 @@ def models_dirs(
                 if not d.is_dir():
                     raise ConfigError(f"--models-dir {d}: no such folder; point it at a ComfyUI-style models folder")
                 out.append(d)
-        return _dedupe(out)
+        return dedupe(out)
     if env.get("RDBT_MODELS"):
         dirs = [Path(p).expanduser() for p in env["RDBT_MODELS"].split(os.pathsep) if p]
         found = [d for d in dirs if d.is_dir()]
         if not found:  # one unmounted folder among several is skipped; a variable naming none is a mistake
             raise ConfigError(f"RDBT_MODELS={env['RDBT_MODELS']}: no such folder; fix the variable or unset it")
-        return _dedupe(found)
+        return dedupe(found)
     base = Path(home).expanduser() if home is not None else Path.home()
     if comfy_roots is None:
         comfy_roots = [base / "ComfyUI", base / "comfy" / "ComfyUI", base / "Documents" / "ComfyUI"]
@@ -461,10 +538,11 @@ def models_dirs(
             found.extend(extra_model_paths(yaml_path))
     found.extend(Path(r) / "models" for r in a1111_roots)
     found.append(default_models_dir())
-    return _dedupe(found)
+    return dedupe(found)
 
 
-def _dedupe(paths: Iterable[Path]) -> list[Path]:
+def dedupe(paths: Iterable[Path]) -> list[Path]:
+    """The existing folders among `paths`, each real folder once, in order."""
     out, seen = [], set()
     for p in paths:
         if not p.is_dir():
@@ -474,6 +552,9 @@ def _dedupe(paths: Iterable[Path]) -> list[Path]:
             seen.add(real)
             out.append(p)
     return out
+
+
+_dedupe = dedupe  # the name cli.py still calls
 
 
 def extra_model_paths(yaml_path: str | os.PathLike) -> list[Path]:

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdbt_cli.config import ATTENTION_BACKENDS, AdapterParams, DiTParams, QwenParams, VAEParams
-from rdbt_cli.discovery import is_ignored_key, read_safetensors_header, strip_prefix
+from rdbt_cli.discovery import (
+    DIT_FILE,
+    TE_FILE,
+    VAE_FILE,
+    FileFormat,
+    is_ignored_key,
+    read_safetensors_header,
+    strip_prefix,
+)
 from rdbt_cli.errors import CheckpointError, CheckpointMismatch, ConfigError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -118,6 +126,12 @@ def read_checkpoint(
     except Exception as exc:  # safetensors raises its own types for damaged files
         raise CheckpointError(f"{path}: could not read tensors ({exc}); download the file again") from None
     return sd, meta
+
+
+def _read_as(fmt: FileFormat, path: Path, cast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a file that must be of `fmt`'s kind, keys stripped of the prefix its markers sit under."""
+    header, _ = read_safetensors_header(path)
+    return read_checkpoint(path, (fmt.locate(header, path),), cast)[0]
 
 
 def split_fp8_scales(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -714,26 +728,9 @@ class AnimaDiT(nn.Module):
 # DiT loading: sizes from shapes, meta-device build, strict load, fp8 kept per layer
 # ---------------------------------------------------------------------------------------------------------------------
 
-DIT_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
+DIT_PREFIXES = DIT_FILE.prefixes  # where a DiT's keys sit, from discovery's table of file formats
 # Kept out of fp8 even when the file stores them fp8: fp8 timestep/AdaLN weights corrupt every token (formats.md §1.5).
 _HIGH_PRECISION = re.compile(r"^(t_embedder\.|t_embedding_norm\.)|adaln_modulation")
-
-# What a file that is not an Anima DiT looks like, by a key fragment it carries (checked in order).
-_LOOKALIKES = (
-    (("lora_down", "lora_up", "lora_A", "lora_B", "lokr_w", "hada_w", ".alpha"), "a LoRA; give it as a LoRA"),
-    (("decoder.middle.", "encoder.downsamples.", "decoder.upsamples."), "a VAE; give it as the VAE"),
-    (("embed_tokens.weight", "layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"), "a text encoder; give it as TE"),
-    (("transformer_blocks.0.attn1.to_q",), "a diffusers-format transformer; use the ComfyUI split file (net.* keys)"),
-    (("input_blocks.", "double_blocks.", "joint_blocks."), "an SD/SDXL/Flux/SD3 model, not Anima"),
-)
-
-
-def _looks_like(keys) -> str:
-    for fragments, what in _LOOKALIKES:
-        if any(f in k for k in keys for f in fragments):
-            return what
-    return "not an Anima diffusion model (no x_embedder.proj.1.weight)"
-
 
 def _count_indexed(keys, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
@@ -748,10 +745,6 @@ def infer_dit_params(
     sd: dict[str, torch.Tensor], path: str | os.PathLike = "state dict"
 ) -> tuple[DiTParams, AdapterParams]:
     """DiT and adapter sizes from tensor shapes alone (keys without the file prefix)."""
-    if "x_embedder.proj.1.weight" not in sd:
-        raise CheckpointError(f"{path}: looks like {_looks_like(sd)}")
-    if "llm_adapter.embed.weight" not in sd:
-        raise CheckpointError(f"{path}: a Cosmos-Predict2 DiT without Anima's llm_adapter; use an Anima model file")
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
@@ -806,7 +799,7 @@ def load_dit(
     fp8 linear weights (plain, or ComfyUI scaled) stay fp8 and are upcast per call unless keep_fp8 is false;
     timestep-embedding and AdaLN weights are always dequantised at load.
     """
-    sd, _meta = read_checkpoint(path, DIT_PREFIXES, cast=None if dtype in FP8_DTYPES else dtype)
+    sd = _read_as(DIT_FILE, Path(path), cast=None if dtype in FP8_DTYPES else dtype)
     dit_params, adapter_params = infer_dit_params(sd, path)
     with torch.device("meta"):
         model = AnimaDiT(dit_params, adapter_params)
@@ -844,17 +837,7 @@ def load_dit(
 # §3.4). Runs in fp32 whatever the storage dtype, as ComfyUI does; the output is the last layer after the final norm.
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Where the Qwen3 tensors sit in the files users have (formats.md §1.3, §1.7): the released TE (`model.`), ComfyUI's
-# clip state dict, an all-in-one checkpoint, the `text_encoders.` name space, and bare keys.
-QWEN_PREFIXES = (
-    "model.",
-    "qwen3_06b.transformer.model.",
-    "cond_stage_model.qwen3_06b.transformer.model.",
-    "text_encoders.qwen3_06b.transformer.model.",
-    "",
-)
-# ComfyUI's TE detection key (comfy/sd.py detect_te_model), relative to the prefix.
-_QWEN_MARKER = "layers.0.self_attn.q_norm.weight"
+QWEN_PREFIXES = TE_FILE.prefixes  # where a Qwen3 TE's keys sit, from discovery's table of file formats
 
 
 class QwenAttention(nn.Module):
@@ -973,29 +956,13 @@ def infer_qwen_params(sd: dict) -> QwenParams:
     )
 
 
-def qwen_prefix(keys) -> str | None:
-    """The prefix under which a file holds a Qwen3 TE, or None when it holds none."""
-    keys = set(keys)
-    for pre in QWEN_PREFIXES:
-        if pre + _QWEN_MARKER in keys and pre + "embed_tokens.weight" in keys:
-            return pre
-    return None
-
-
 def load_text_encoder(
     path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Qwen3Encoder:
     """Load a Qwen3 text encoder (released TE, ComfyUI clip/AIO layouts, bare keys). `dtype` is the storage dtype;
     None keeps the file's (bf16 for the release). Compute is always fp32."""
     path = Path(path)
-    header, _ = read_safetensors_header(path)
-    prefix = qwen_prefix(header.keys())
-    if prefix is None:
-        raise CheckpointError(
-            f"{path}: not a Qwen3 text encoder (no {QWEN_PREFIXES[0]}{_QWEN_MARKER}); "
-            "pass the qwen_3_06b_base.safetensors text encoder"
-        )
-    sd, _ = read_checkpoint(path, (prefix,)) if prefix else read_checkpoint(path)
+    sd = _read_as(TE_FILE, path)
     try:
         params = infer_qwen_params(sd)
     except CheckpointError as exc:
@@ -1012,9 +979,8 @@ def load_text_encoder(
 # ---------------------------------------------------------------------------------------------------------------------
 # VAE: Wan 2.1 / Qwen-Image
 # ---------------------------------------------------------------------------------------------------------------------
-# Written to be pasted into engine.py as one section; until then it imports the loading core from there. Module
-# attribute names are the original Wan 2.1 keys (`decoder.upsamples.3.resample.1`, `residual.0.gamma`, ...), so the
-# released file loads with a plain strict load_state_dict. Reference behaviour: ComfyUI comfy/ldm/wan/vae.py + sd.py.
+# Module attribute names are the original Wan 2.1 keys (`decoder.upsamples.3.resample.1`, `residual.0.gamma`, ...), so
+# the released file loads with a plain strict load_state_dict. Reference behaviour: ComfyUI comfy/ldm/wan/vae.py + sd.py.
 #
 # Images are one frame (T = 1). The causal 3-D convolutions then reduce to 2-D convolutions with the last temporal tap
 # (the two frames in front are causal zero padding), which is the default `path="2d"`; `path="3d"` evaluates the real
@@ -1031,9 +997,6 @@ WAN21_LATENT_STD = (
 )  # fmt: skip
 
 VAE_SCALE = 8  # pixels per latent cell
-VAE_PREFIXES = ("first_stage_model.",)  # AIO checkpoints (formats.md §1.3)
-_WAN21_MARKER = "decoder.middle.0.residual.0.gamma"
-_WAN22_MARKER = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 
 
 def _latent_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1408,24 +1371,6 @@ def infer_temporal_downsample(sd: dict[str, torch.Tensor]) -> tuple[bool, ...]:
     return tuple(f"encoder.downsamples.{i}.time_conv.weight" in sd for i in sorted(kinds) if kinds[i] == "resample")
 
 
-def _not_wan21_reason(keys) -> str | None:
-    """Why a (prefix-stripped) key set is not a Wan 2.1 VAE, in words a user can act on; None if it is one."""
-    keys = set(keys)
-    if _WAN22_MARKER in keys:
-        return "this is a Wan 2.2 VAE (z 48); Anima needs the Wan 2.1 / Qwen-Image VAE qwen_image_vae.safetensors"
-    if _WAN21_MARKER in keys:
-        return None
-    if any(k.endswith("blocks.0.mlp.layer1.weight") for k in keys):
-        return "this is a diffusion model (DiT), not a VAE; give it as --model and qwen_image_vae.safetensors as --vae"
-    if any(".self_attn.q_norm.weight" in k or k.startswith("model.layers.") for k in keys):
-        return "this is a text encoder, not a VAE; pass it with --text-encoder"
-    if "decoder.mid_block.resnets.0.norm1.gamma" in keys:
-        return "this is a diffusers-format Qwen-Image VAE; use the original ComfyUI file qwen_image_vae.safetensors"
-    if any(k.startswith(("decoder.mid.", "decoder.up.", "decoder.mid_block.")) for k in keys):
-        return "this is an SD/SDXL/Flux-style VAE; Anima needs the Wan 2.1 / Qwen-Image VAE qwen_image_vae.safetensors"
-    return "not a Wan 2.1 / Qwen-Image VAE (no decoder.middle.0.residual.0.gamma); use qwen_image_vae.safetensors"
-
-
 def load_vae(
     path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> WanVAE:
@@ -1434,12 +1379,7 @@ def load_vae(
     dtype None keeps the file's dtype (bf16 for the release); the VAE computes in its weights' dtype.
     """
     path = Path(path)
-    header, _ = read_safetensors_header(path)
-    prefix = strip_prefix(header.keys(), VAE_PREFIXES)
-    reason = _not_wan21_reason(k[len(prefix) :] for k in header if k.startswith(prefix))
-    if reason:
-        raise CheckpointError(f"{path}: {reason}")
-    sd, _ = read_checkpoint(path, VAE_PREFIXES, cast=dtype)
+    sd = _read_as(VAE_FILE, path, cast=dtype)
     params = infer_vae_params(sd, str(path))
     with torch.device("meta"):
         vae = WanVAE(params, infer_temporal_downsample(sd))
