@@ -1,7 +1,8 @@
 """Finding and identifying model files without loading tensors (no torch import here).
 
-Models folders (ComfyUI / A1111 layouts, `extra_model_paths.yaml`), header sniffing and classification
-(spec/formats.md §1.7), name resolution, file hashes with a cache (formats.md §4.1-§4.2), official downloads.
+Models folders (ComfyUI / A1111 layouts, `extra_model_paths.yaml`), header sniffing, the table of file formats that
+classification (spec/formats.md §1.7) and the engine's loaders share, name resolution, file hashes with a cache
+(formats.md §4.1-§4.2), official downloads.
 """
 
 from __future__ import annotations
@@ -226,19 +227,19 @@ class FileInfo:
         return self.kind in ("dit", "te", "vae", "lora", "aio")
 
 
-def vote_prefix(keys: Iterable[str], prefixes: Sequence[str] = PREFIXES) -> str:
-    """The prefix most keys start with ('' when keys without any listed prefix are the majority)."""
-    counts = dict.fromkeys(prefixes, 0)
+def vote_prefix(keys: Iterable[str]) -> str:
+    """The one of PREFIXES most keys start with ('' when keys without any of them are the majority)."""
+    counts = dict.fromkeys(PREFIXES, 0)
     bare = 0
     for k in keys:
-        for pre in prefixes:
+        for pre in PREFIXES:
             if k.startswith(pre):
                 counts[pre] += 1
                 break
         else:
             bare += 1
-    best = max(prefixes, key=lambda p: counts[p], default="")
-    return best if best and counts[best] > bare else ""
+    best = max(PREFIXES, key=lambda p: counts[p])
+    return best if counts[best] > bare else ""
 
 
 def _numel(shape) -> int:
