@@ -19,9 +19,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from rdbt_cli import __version__, settings
+from rdbt_cli import __version__, console, settings
+from rdbt_cli.console import Progress
 from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
-from rdbt_cli.errors import ConfigError, OutputError, RdbtError
+from rdbt_cli.errors import ConfigError, RdbtError
 
 app = typer.Typer(
     name="rdbt",
@@ -42,12 +43,6 @@ DType = Enum("DType", {name: name for name in DTYPES}, type=str)
 Attention = Enum("Attention", {name: name for name in ATTENTION_BACKENDS}, type=str)
 
 
-def _stderr():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
 def friendly_errors(fn):
     """Every user mistake is one readable line and a non-zero exit code; --debug shows the traceback."""
 
@@ -55,21 +50,15 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RdbtError as err:
+        except (RdbtError, KeyboardInterrupt, OSError, MemoryError) as err:
             if _state["debug"]:
                 raise
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            if _state["debug"]:
-                raise
-            typer.echo("interrupted; finished images are kept (rdbt batch resumes where it stopped)", err=True)
-            raise typer.Exit(130) from None
-        except (OSError, MemoryError) as err:
-            if _state["debug"]:
-                raise
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
+            if isinstance(err, KeyboardInterrupt):
+                message, code = "interrupted; finished images are kept (rdbt batch resumes where it stopped)", 130
+            else:
+                message, code = f"error: {err}", getattr(err, "exit_code", 1)
+            typer.echo(message, err=True)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -155,65 +144,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
 
 
-def _check_output(out: Optional[str]) -> Path:
-    """Fail before loading anything if the output folder cannot be written."""
-    dest = Path(out) if out else Path("outputs")
-    # Same rule as metadata.save_png: a .png path is a file, anything else a folder.
-    folder = dest.parent if dest.suffix.lower() == ".png" else dest
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{folder}: output folder cannot be created or written ({probe} is in the way or read-only); "
-                          "choose another with --out")
-    return dest
-
-
-class _Progress:
-    """Rich progress on stderr: one bar per image with ETA, plus an overall bar when there are several."""
-
-    def __init__(self, total_images: int, quiet: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=_stderr(), disable=quiet, transient=False,
-            redirect_stdout=False, redirect_stderr=False,
-        )
-        self.total_images = total_images
-        self.overall = None
-        self.task = None
-        self.live = not quiet
-
-    def __enter__(self):
-        self.progress.__enter__()
-        if self.total_images > 1:
-            self.overall = self.progress.add_task("images", total=self.total_images)
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def start_image(self, label: str, steps: int):
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(label, total=steps)
-
-    def step(self, info):
-        self.progress.advance(self.task)
-
-    def done(self, path: Path, recipe: dict, timings: dict, as_json: bool):
-        """Count the image and print its path (or JSON record) on stdout, above the live bar on a terminal."""
-        if self.overall is not None:
-            self.progress.advance(self.overall)
-        record = {"path": str(path), **recipe, **({"timings": timings} if timings else {})}
-        line = json.dumps(record, ensure_ascii=False) if as_json else str(path)
-        if self.live and sys.stdout.isatty() and sys.stderr.isatty():
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
-        else:
-            typer.echo(line)
-
-
 def _warn(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
@@ -247,13 +177,13 @@ def gen(
         prompt = sys.stdin.read().strip() or None
     if prompt is None and recipe is None:
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
-    dest = _check_output(out)
+    dest = metadata.check_destination(out or "outputs")
     todo, load, paths = jobs.plan(prompt, load, flags, preset=preset, no_stack=no_stack, recipe=recipe)
 
     from rdbt_cli.runner import Runner
 
     runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=_warn)
-    with _Progress(len(todo), quiet) as bar:
+    with Progress(len(todo), quiet) as bar:
         for job in todo:
             bar.start_image(f"seed {job.seed}", job.settings.steps)
             made = runner.run(job, bar.step)
@@ -282,13 +212,13 @@ def batch(
     """
     from dataclasses import replace
 
-    from rdbt_cli import batch as batch_mod
+    from rdbt_cli import batch as batch_mod, metadata
 
     t_start = time.perf_counter()
     rank, world, local_rank = batch_mod.torchrun_env()
     text = batch_mod.read_batch_source(file)
     out_dir = Path(out) if out else Path("outputs")
-    _check_output(str(out_dir) + os.sep)
+    metadata.check_destination(str(out_dir) + os.sep)
     if world > 1 and load.device in ("auto", "cuda"):
         from rdbt_cli.pipeline import resolve_device
 
@@ -296,7 +226,7 @@ def batch(
             load = replace(load, device=f"cuda:{local_rank}")
     bp = batch_mod.plan(text, load, flags, preset=preset, no_stack=no_stack, out_dir=out_dir, rank=rank, world=world)
     made = 0
-    with _Progress(len(bp.jobs), quiet) as bar:
+    with Progress(len(bp.jobs), quiet) as bar:
         for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched,
                                          on_image=bar.start_image, callback=bar.step, on_warning=_warn):
             made += 1
@@ -369,36 +299,11 @@ def models(
 
         items = [replace(i, hash=discovery.file_hashes(i.path)["autov2"]) if i.supported and not i.hash else i
                  for i in items]
+    rows = [console.model_row(i, dirs) for i in items]
     if as_json:
-        typer.echo(json.dumps([_info_dict(i, dirs) for i in items], ensure_ascii=False, indent=1))
-        return
-    from rich.table import Table
-    from rich.console import Console
-
-    table = Table("kind", "file", "size", "hash", "details", title=" · ".join(str(d) for d in dirs))
-    for i in items:
-        d = _info_dict(i, dirs)
-        table.add_row(d["kind"], d["file"], f"{d['size'] / 2**20:,.1f} MiB", d["hash"] or "", d["details"])
-    Console().print(table)
-
-
-_DETAIL_KEYS = ("blocks", "width", "layers", "base_dim", "format", "algo", "rank", "targets", "quant", "dtype", "error")
-
-
-def _info_dict(info, dirs=()) -> dict:
-    d = info if isinstance(info, dict) else dict(vars(info))
-    path = Path(d["path"])
-    rel = next((path.relative_to(root) for root in dirs if root in path.parents), path)
-    details = d.get("details") or {}
-    shown = {k: details[k] for k in _DETAIL_KEYS if details.get(k) not in (None, "")}
-    return {
-        "kind": d.get("kind"),
-        "path": str(path),
-        "file": str(rel),
-        "size": d.get("size") if d.get("size") is not None else (path.stat().st_size if path.exists() else 0),
-        "hash": d.get("hash") or d.get("short_hash"),
-        "details": ", ".join(f"{k} {v}" for k, v in shown.items()),
-    }
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=1))
+    else:
+        console.print_models(rows, title=" · ".join(str(d) for d in dirs))
 
 
 @app.command()
@@ -456,20 +361,13 @@ def lora_stack_cmd(
 ):
     """Show or edit the persistent LoRA stack that gen and batch apply."""
     from rdbt_cli import lora_stack
-    from rdbt_cli.config import LoraSpec
     from rdbt_cli.jobs import Planner
     from rdbt_cli.settings import parse_lora_arg
 
     if clear:
         lora_stack.clear()
     for item in add or []:
-        spec = parse_lora_arg(item)
-        if Path(spec.name).expanduser().is_file():
-            # A path is stored absolute, so the stack works from any folder.
-            spec = LoraSpec(str(Path(spec.name).expanduser().resolve()), spec.weight)
-        else:
-            lora_stack.resolve_lora_name(spec.name, Planner(LoadParams(models_dir=models_dir)).lora_dirs())  # fail now, not at the next gen
-        lora_stack.add(spec)
+        lora_stack.add(parse_lora_arg(item), Planner(LoadParams(models_dir=models_dir)).lora_dirs())
     for item in set_ or []:
         spec = parse_lora_arg(item)
         if ":" not in item:

@@ -96,9 +96,17 @@ def _find(specs: list[LoraSpec], name: str) -> int:
     raise LoraError(f"LoRA {name!r} is not in the stack ({listed}); see `rdbt lora-stack --list`")
 
 
-def add(spec: LoraSpec) -> list[LoraSpec]:
-    """Append `spec`; a LoRA already in the stack keeps its place and takes the new weight."""
+def add(spec: LoraSpec, lora_dirs: list[str | os.PathLike] | None = None) -> list[LoraSpec]:
+    """Append `spec`; a LoRA already in the stack keeps its place and takes the new weight.
+
+    With `lora_dirs`, a name must resolve now, not at the next gen, and a path is stored absolute, so the stack works
+    from any folder."""
     _check_weight(spec.name, spec.weight)
+    if lora_dirs is not None:
+        if Path(spec.name).expanduser().is_file():
+            spec = LoraSpec(str(Path(spec.name).expanduser().resolve()), spec.weight)
+        else:
+            resolve_lora_name(spec.name, lora_dirs)
     specs = load_stack()
     for i, s in enumerate(specs):
         if s.name == spec.name:

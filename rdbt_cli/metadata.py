@@ -631,6 +631,18 @@ def _split_dest(dest, recipe, stem) -> tuple[Path, str]:
     return dest.parent, dest.stem
 
 
+def check_destination(dest) -> Path:
+    """Fail before anything loads if save_png could not write to `dest` (a .png path or a folder, created later)."""
+    folder, _ = _split_dest(dest, None, "probe")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: output folder cannot be created or written ({probe} is in the way or read-only); "
+                          "choose another with --out")
+    return Path(dest)
+
+
 def _ensure_folder(folder: Path):
     try:
         folder.mkdir(parents=True, exist_ok=True)

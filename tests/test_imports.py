@@ -19,6 +19,7 @@ ALLOWED = {
     "lora_stack": {"config", "errors", "discovery"},
     "text": {"config", "errors"},
     "settings": {"config", "errors"},
+    "console": set(),
     "presets": {"config", "errors", "settings"},
     "metadata": {"config", "errors", "settings"},
     "engine": {"config", "discovery", "errors"},
@@ -30,7 +31,8 @@ ALLOWED = {
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
 }
 TORCH_FREE = [
-    "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "cli",
+    "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
+    "cli",
 ]
 
 
