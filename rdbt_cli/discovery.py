@@ -555,7 +555,6 @@ def dedupe(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-_dedupe = dedupe  # the name cli.py still calls
 
 
 def extra_model_paths(yaml_path: str | os.PathLike) -> list[Path]:

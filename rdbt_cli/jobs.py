@@ -106,7 +106,7 @@ class Planner:
         if dit is not None and Path(dit).parent.name in discovery.KIND_FOLDERS["dit"]:
             beside.append(Path(dit).parent.parent / "loras")
         candidates = [*beside, *(d / sub for d in self.models_dirs() for sub in discovery.KIND_FOLDERS["lora"])]
-        return discovery._dedupe(d for d in candidates if d.is_dir())
+        return discovery.dedupe(candidates)
 
     def lora_files(self, specs: list[LoraSpec], paths: ModelPaths) -> list[tuple[Path, float]]:
         """Names to files, merged by file (settings.combine_loras): a LoRA named two ways (stack `turbo`, flag

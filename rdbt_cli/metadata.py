@@ -842,9 +842,9 @@ def _fmt_component(c) -> str | None:
     return f"{label} [{c['hash']}]" if c.get("hash") else str(label)
 
 
-_SUMMARISED = {
-    "schema", "rdbt_version", "generator", "prompt", "negative", "width", "height", "seed", "steps", "cfg", "sampler",
-    "scheduler", "shift", "model", "text_encoder", "vae", "loras", "preset", "device", "dtype", "index", "extra",
+_SUMMARISED = {s.recipe for s in SETTINGS if s.recipe} | {
+    "schema", "rdbt_version", "generator", "model", "text_encoder", "vae", "loras", "preset", "device", "dtype", "index",
+    "extra",
 }
 
 
@@ -862,16 +862,14 @@ def summarise(info: dict) -> str:
         if value is not None and value != "":
             rows.append((label, str(value)))
 
-    add("prompt", r.get("prompt"))
-    add("negative", r.get("negative"))
-    if r.get("width") and r.get("height"):
-        add("size", f"{r['width']}x{r['height']}")
-    add("seed", r.get("seed"))
-    add("steps", r.get("steps"))
-    add("cfg", _num(r["cfg"]) if isinstance(r.get("cfg"), (int, float)) else r.get("cfg"))
-    sampler = " / ".join(str(r[k]) for k in ("sampler", "scheduler") if r.get(k))
-    add("sampler", sampler)
-    add("shift", _num(r["shift"]) if isinstance(r.get("shift"), (int, float)) else r.get("shift"))
+    for setting in SETTINGS:  # every recorded setting, in the table's order; width and height as one size
+        key = setting.recipe
+        if setting.name == "width":
+            if r.get("width") and r.get("height"):
+                add("size", f"{r['width']}x{r['height']}")
+        elif key and setting.name != "height":
+            value = r.get(key)
+            add(key, _num(value) if isinstance(value, float) else value)
     add("model", _fmt_component(r.get("model")))
     add("text encoder", _fmt_component(r.get("text_encoder")))
     add("vae", _fmt_component(r.get("vae")))
