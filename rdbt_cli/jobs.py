@@ -129,13 +129,15 @@ class Planner:
 
 
 def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = None, *, preset: Optional[str] = None,
-         no_stack: bool = False, recipe: Optional[dict] = None) -> tuple[list[Job], LoadParams, ModelPaths]:
+         no_stack: bool = False, recipe: Optional[dict] = None, **values) -> tuple[list[Job], LoadParams, ModelPaths]:
     """What `rdbt gen` makes: `count` jobs with consecutive seeds, and what to load (settings and files).
+
+    Settings come as `flags` or as keywords by setting name (`steps=20, loras=["turbo:0.3"]`), checked as flags are.
 
     `recipe` (read back from a PNG) comes under the preset and the flags; its complete LoRA stack replaces the
     persistent one, and its model files are used unless `load` names others.
     """
-    flags = replace(flags or GenParams(), prompt=prompt)
+    flags = replace(settings.layer(flags, settings.from_flags(values)), prompt=prompt)
     base = None
     if recipe is not None:
         from rdbt_cli.metadata import recipe_settings

@@ -1,0 +1,49 @@
+"""The library entry point: plan jobs, run them on loaded models, get images with their recipes and timings."""
+
+import numpy as np
+import pytest
+
+from rdbt_cli import LoadParams, plan, run
+from rdbt_cli.errors import ConfigError
+from rdbt_cli.runner import Runner
+
+
+def test_plan_and_run_make_count_images_with_recipes_and_timings():
+    jobs, load, paths = plan("1girl", LoadParams(model="tiny", device="cpu", dtype="fp32"), steps=2, count=2,
+                             seed=40, width=32, height=32)
+    assert [(j.seed, j.index) for j in jobs] == [(40, 0), (41, 1)]
+    made = list(run(jobs, load, paths))
+    assert [m.recipe["seed"] for m in made] == [40, 41] and made[0].recipe["steps"] == 2
+    assert made[0].image.shape == (32, 32, 3) and made[0].image.dtype == np.uint8
+    assert "load_s" in made[0].timings and "load_s" not in made[1].timings and made[1].timings["sample_s"] > 0
+    assert not np.array_equal(made[0].image, made[1].image)
+
+
+def test_plan_checks_keyword_settings_as_flags():
+    with pytest.raises(ConfigError, match="--steps"):
+        plan("x", LoadParams(model="tiny"), steps=0)
+    with pytest.raises(ConfigError, match="prompt"):
+        plan(None, LoadParams(model="tiny"))
+
+
+def test_runner_switches_lora_stacks_by_exact_undo(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from rdbt_cli import engine
+
+    load = LoadParams(model="tiny", device="cpu", dtype="fp32")
+    base, load, paths = plan("a cat", load, steps=2, seed=3, width=32, height=32)
+    dit = engine.load_dit(paths.dit, device="cpu", dtype=torch.float32)
+    w = dit.state_dict()["blocks.0.mlp.layer1.weight"]
+    lora = tmp_path / "style.safetensors"
+    save_file({"diffusion_model.blocks.0.mlp.layer1.lora_down.weight": torch.randn(4, w.shape[1]),
+               "diffusion_model.blocks.0.mlp.layer1.lora_up.weight": torch.randn(w.shape[0], 4)}, str(lora))
+    styled, _, _ = plan("a cat", load, steps=2, seed=3, width=32, height=32, loras=[f"{lora}:0.8"])
+    assert styled[0].loras == [(lora, 0.8)] and base[0].loras == []
+    runner = Runner(load, paths)
+    first = runner.run(base[0]).image
+    with_lora = runner.run(styled[0])
+    assert not np.array_equal(first, with_lora.image)
+    assert with_lora.recipe["loras"][0]["weight"] == 0.8
+    assert np.array_equal(runner.run(base[0]).image, first)  # undone exactly, no reload
