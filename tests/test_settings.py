@@ -10,7 +10,7 @@ import pytest
 from rdbt_cli import settings
 from rdbt_cli.config import LoraSpec
 from rdbt_cli.errors import ConfigError
-from rdbt_cli.settings import DEFAULTS, SETTINGS, GenParams, layer
+from rdbt_cli.settings import SETTINGS, GenParams, layer
 
 
 def test_every_row_is_consistent():
