@@ -25,7 +25,7 @@ TINY_DEFAULTS = GenParams(width=256, height=256, steps=12)
 
 @dataclass
 class Job:
-    settings: GenParams  # every field resolved; `loras` holds the merged stack as resolved files' names
+    settings: GenParams  # every field resolved: this image's seed, the merged LoRA stack as files
     seed: int
     index: int = 0  # within the settings' count: seed = first seed + index
     preset: Optional[str] = None
@@ -124,8 +124,9 @@ class Planner:
     def job(self, gen: GenParams, seed: int, index: int, paths: ModelPaths, preset=None, model=None,
             **extra) -> Job:
         files = self.lora_files(gen.loras or [], paths)
-        merged = replace(gen, loras=[LoraSpec(Path(p).stem, w) for p, w in files])
-        return Job(merged, seed % 2**64, index, getattr(preset, "name", None), model, files, extra)
+        seed %= 2**64
+        resolved = replace(gen, seed=seed, loras=[LoraSpec(str(p), w) for p, w in files])
+        return Job(resolved, seed, index, getattr(preset, "name", None), model, files, extra)
 
 
 def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = None, *, preset: Optional[str] = None,

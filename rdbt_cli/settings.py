@@ -224,20 +224,16 @@ SETTINGS: tuple[Setting, ...] = (
             preset="lora"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
-BY_FLAG = {flag: s for s in SETTINGS for flag in s.flags}
 
 # `--size WxH` (and a preset's `size`) sets width and height together.
 SIZE_FLAG = "--size"
 SIZE_HELP = "WxH, multiples of 16, e.g. 832x1216."
 
 
-def _gen_params_doc():
-    return "What to make: one field per row of settings.SETTINGS. None means \"not given\"; `resolve` fills them."
-
-
+# What to make: one field per row, None meaning "not given"; `resolve` fills them.
 GenParams = make_dataclass(
     "GenParams", [(s.name, Optional[s.type], field(default=None)) for s in SETTINGS],
-    namespace={"__doc__": _gen_params_doc(), "__module__": __name__},
+    namespace={"__module__": __name__},
 )
 
 DEFAULTS = GenParams(**{s.name: s.default for s in SETTINGS})

@@ -1,10 +1,13 @@
 """The library entry point: plan jobs, run them on loaded models, get images with their recipes and timings."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from rdbt_cli import LoadParams, plan, run
 from rdbt_cli.errors import ConfigError
+from rdbt_cli.metadata import recipe_settings
 from rdbt_cli.runner import Runner
 
 
@@ -17,6 +20,9 @@ def test_plan_and_run_make_count_images_with_recipes_and_timings():
     assert made[0].image.shape == (32, 32, 3) and made[0].image.dtype == np.uint8
     assert "load_s" in made[0].timings and "load_s" not in made[1].timings and made[1].timings["sample_s"] > 0
     assert not np.array_equal(made[0].image, made[1].image)
+    for m in made:  # the recipe reads back as the job's settings, exactly
+        back, recorded = recipe_settings(m.recipe)
+        assert replace(back, count=None) == replace(m.job.settings, count=None) and recorded["model"] == "tiny"
 
 
 def test_plan_checks_keyword_settings_as_flags():
