@@ -44,7 +44,7 @@ def dit_flops(p: DiTParams, n_tokens: int, n_context: int = 512) -> float:
         8 * n_tokens * D * D  # self-attention q, k, v, out
         + 4 * n_tokens * n_tokens * D  # self-attention scores and weighted sum
         + 4 * n_tokens * D * D  # cross-attention q, out
-        + 4 * n_context * C * D  # cross-attention k, v (cached across steps by the engine, counted as the spec does)
+        + 4 * n_context * C * D  # cross-attention k, v (prepared once per generation, counted as the spec does)
         + 4 * n_tokens * n_context * D  # cross-attention core
         + 4 * n_tokens * D * p.mlp_dim  # MLP
     )

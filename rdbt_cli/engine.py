@@ -404,9 +404,9 @@ def apply_rope_split_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 class DiTAttention(_QKNormAttention):
     out_name = "output_proj"
 
-    def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys_values(context)
-        return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D), the layout the K/V cache keeps
+        return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D), the layout attention() takes
 
     def forward(self, x, rope=None, kv=None):
         B = x.shape[0]
@@ -539,25 +539,20 @@ class _StreamOut:
         return output
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-
-
 class AnimaDiT(nn.Module):
     """Anima's Cosmos-Predict2 DiT with its LLM adapter (`llm_adapter`); attribute names are the released keys.
 
-    forward(x, timestep, context) -> v
+    forward(x, timestep, context=None, kv=None) -> v
         x [B, in_channels, T, h, w] (any float dtype; T = 1 for images), timestep [B] = sigma in [0, 1] (not x1000),
-        context [B or 1, S, context_dim] = `encode_context` output. Returns the velocity, float32, shaped like x.
-        Odd h/w are padded circularly to the patch size and the output cropped back (ComfyUI pad_to_patch_size).
+        context [B or 1, S, context_dim] = `encode_context` output, or instead kv = `prepare_context(context)`.
+        Returns the velocity, float32, shaped like x. Odd h/w are padded circularly to the patch size and the output
+        cropped back (ComfyUI pad_to_patch_size).
     encode_context(qwen_hidden [B, N, source_dim], t5_ids [B, M] long, t5_weights [B, M]) -> [B, max(512, M), ctx]
         The adapter in the compute dtype, rows scaled by the T5 weights, zero rows appended up to 512 (never cut).
+    prepare_context(context) -> the cross-attention K/V of every block; a sampler prepares it once per generation and
+        passes it to each step, since the context and the weights stay the same for the whole run.
     Computation runs in `compute_dtype` (the weights' dtype; for fp8 weights the loader's choice) with fp32 for the
-    timestep sinusoid and the RoPE rotation. fp16 keeps the residual stream in fp32. Cross-attention K/V of a context
-    are computed once and reused while the same context (by value) and the same k/v weights come back.
+    timestep sinusoid and the RoPE rotation. fp16 keeps the residual stream in fp32.
     """
 
     def __init__(self, params: DiTParams, adapter: AdapterParams):
@@ -578,9 +573,9 @@ class AnimaDiT(nn.Module):
         self.final_layer = FinalLayer(params)
         self.llm_adapter = LLMAdapter(adapter)
         self._compute_dtype: torch.dtype | None = None
-        # Lazily built constants (plain attributes, not buffers: the module is built on the meta device).
+        # RoPE tables by latent shape and device, built on first use (not buffers: the module is built on the meta
+        # device); they depend on nothing the weights or dtype can change.
         self._rope_cache: dict = {}
-        self._kv_cache: list = []
 
     # -- dtype -------------------------------------------------------------------------------------------------------
     @property
@@ -595,18 +590,13 @@ class AnimaDiT(nn.Module):
     @compute_dtype.setter
     def compute_dtype(self, dtype: torch.dtype | None) -> None:
         self._compute_dtype = dtype
-        self.clear_caches()
-
-    def clear_caches(self) -> None:
-        self._rope_cache.clear()
-        self._kv_cache.clear()
 
     # -- low VRAM: block weights streamed from host memory --------------------------------------------------------
     def stream_blocks(self, device: torch.device | str) -> None:
         """Keep each block's weights in host memory and bring them to `device` only while that block runs.
 
         Everything else stays on `device`: the embedders, the final layer, the adapter, and the cross-attention K/V
-        projections, which prepare_context needs for every block at once (so the K/V cache stays valid). The device
+        projections, which prepare_context runs for every block at once, outside the blocks' forwards. The device
         then holds one block's weights at a time (~140 MB for Anima 2B in bf16) instead of all 28. Weight swaps
         (LoRA merges, undo) happen between forwards and are picked up, since each step copies whatever tensor the
         parameter holds at that moment. Copies go on the current stream, so kernels that use them are ordered after.
@@ -631,7 +621,6 @@ class AnimaDiT(nn.Module):
             block.register_forward_pre_hook(stream_in)
             # always_call: a block that raises (out of memory, say) still gives its weights back to the host.
             block.register_forward_hook(_StreamOut(stream_in), always_call=True)
-        self.clear_caches()
 
     # -- conditioning ------------------------------------------------------------------------------------------------
     def encode_context(self, qwen_hidden: torch.Tensor, t5_ids: torch.Tensor, t5_weights: torch.Tensor) -> torch.Tensor:
@@ -644,41 +633,9 @@ class AnimaDiT(nn.Module):
         return out
 
     def prepare_context(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per block (k, v) [B, H, S, D] of the cross-attention; cached, so a sampler's steps project it once.
-
-        A hit costs no device synchronisation when the caller passes the same context tensor each step (the
-        pipeline and CFGDenoiser do); another tensor is compared by value. Weight changes are seen through the
-        tensors' identity and version counters (a LoRA merge or undo swaps the tensors); after an in-place edit of
-        inference-mode weights, which carry no version counter, call clear_caches().
-        """
-        stamp = self._weights_stamp()
-        for source, version, _, st, kv in self._kv_cache:
-            if st == stamp and source is context and version == _version(context):
-                return kv
-        device = self.x_embedder.proj[1].weight.device
-        converted = context.to(device, self.compute_dtype)
-        for i, (_, _, ctx, st, kv) in enumerate(self._kv_cache):
-            if st == stamp and ctx.shape == converted.shape and ctx.device == converted.device:
-                if torch.equal(ctx, converted):
-                    self._kv_cache[i] = (context, _version(context), ctx, st, kv)
-                    return kv
-        kv = [block.cross_attn.key_value(converted) for block in self.blocks]
-        # Two entries: cond and uncond (or a batched pair), as a CFG sampler alternates between them. The converted
-        # context is a copy when `context` may change in place later, so the value check stays meaningful.
-        kept = converted.clone() if converted is context else converted
-        self._kv_cache.insert(0, (context, _version(context), kept, stamp, kv))
-        del self._kv_cache[2:]
-        return kv
-
-    def _weights_stamp(self) -> tuple:
-        # Host-side facts only (no device reads): which tensors hold the k/v weights and their version counters.
-        out = []
-        for block in self.blocks:
-            for layer in (block.cross_attn.k_proj, block.cross_attn.v_proj, block.cross_attn.k_norm):
-                w = layer.weight
-                scale = getattr(layer, "weight_scale", None)
-                out.append((w.data_ptr(), _version(w), None if scale is None else (scale.data_ptr(), _version(scale))))
-        return tuple(out)
+        """Per block (k, v) [B, H, S, D] of the cross-attention, for forward(..., kv=...)."""
+        context = context.to(self.x_embedder.proj[1].weight.device, self.compute_dtype)
+        return [block.cross_attn.context_kv(context) for block in self.blocks]
 
     def _rope(self, T: int, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (T, H, W, str(device))
@@ -688,7 +645,13 @@ class AnimaDiT(nn.Module):
         return self._rope_cache[key]
 
     # -- forward -----------------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor | None = None,
+        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         p = self.params
         dt = self.compute_dtype
         device = self.x_embedder.proj[1].weight.device
@@ -709,7 +672,8 @@ class AnimaDiT(nn.Module):
         emb = self.t_embedding_norm(e)  # AdaLN-LoRA: the blocks see the normalised sinusoid itself
 
         rope = self._rope(T, Hp, Wp, device)
-        kv = self.prepare_context(context)
+        if kv is None:
+            kv = self.prepare_context(context)
         if dt == torch.float16:
             x = x.float()  # fp16 range is too small for the residual stream
         for block, block_kv in zip(self.blocks, kv):
@@ -1041,8 +1005,8 @@ class CausalConv3d(nn.Conv3d):
         return F.conv3d(F.pad(x, self.causal_pad), self.weight, self.bias, self.stride)
 
 
-class RMS_norm(nn.Module):
-    """x / ‖x‖₂ over channels · √C · γ (F.normalize, eps 1e-12); γ is [C,1,1,1] (volumes) or [C,1,1] (images)."""
+class ChannelRMSNorm(nn.Module):
+    """Wan's RMS_norm: x / ‖x‖₂ over channels · √C · γ (F.normalize, eps 1e-12); γ is [C,1,1,1] or [C,1,1]."""
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
@@ -1074,8 +1038,8 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Indices mirror the checkpoint: 0 norm, 1 SiLU, 2 conv, 3 norm, 4 SiLU, 5 dropout (inference: no-op), 6 conv.
         self.residual = nn.Sequential(
-            RMS_norm(cin), nn.SiLU(), CausalConv3d(cin, cout, 3, padding=1),
-            RMS_norm(cout), nn.SiLU(), nn.Identity(), CausalConv3d(cout, cout, 3, padding=1),
+            ChannelRMSNorm(cin), nn.SiLU(), CausalConv3d(cin, cout, 3, padding=1),
+            ChannelRMSNorm(cout), nn.SiLU(), nn.Identity(), CausalConv3d(cout, cout, 3, padding=1),
         )  # fmt: skip
         self.shortcut = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -1088,7 +1052,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = RMS_norm(dim, images=True)
+        self.norm = ChannelRMSNorm(dim, images=True)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
@@ -1144,7 +1108,7 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.Sequential(*blocks)
         c = dims[-1]
         self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
-        self.head = nn.Sequential(RMS_norm(c), nn.SiLU(), CausalConv3d(c, z_out, 3, padding=1))
+        self.head = nn.Sequential(ChannelRMSNorm(c), nn.SiLU(), CausalConv3d(c, z_out, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.middle(self.downsamples(self.conv1(x))))
@@ -1167,7 +1131,7 @@ class Decoder3d(nn.Module):
             if i != len(dim_mult) - 1:
                 blocks.append(Resample(cout, "upsample3d" if temporal_up[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
-        self.head = nn.Sequential(RMS_norm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = nn.Sequential(ChannelRMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.upsamples(self.middle(self.conv1(x))))

@@ -97,9 +97,7 @@ def _float32(v: float) -> float:
 
 
 def _rounded(values) -> torch.Tensor:
-    # Double results rounded once to float32: what a correctly rounded float32 pow/exp gives. ComfyUI's schedules call
-    # torch's float32 pow/exp, whose last bit varies with the torch build and CPU (the references are the rounded
-    # values; this machine's AVX2 powf is 1 ulp off one karras sigma at 30 steps).
+    # double values rounded once to float32: for pow and exp, the correctly rounded float32 result
     return torch.tensor(list(values), dtype=torch.float32)
 
 
@@ -155,14 +153,17 @@ def schedule_karras(ms: ModelSampling, steps: int, rho: float = 7.0) -> torch.Te
     ramp = _linspace(0.0, 1.0, steps)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
-    base = max_inv_rho + ramp * (min_inv_rho - max_inv_rho)  # float32 tensor ops, exactly rounded everywhere
+    base = max_inv_rho + ramp * (min_inv_rho - max_inv_rho)  # float32, as ComfyUI; IEEE * and + agree on any build
+    # ComfyUI's float32 torch pow varies in the last bit with the build and CPU (torch 2.13's AVX2 kernel is 1 ulp off
+    # one of the 30-step sigmas); the reference sigmas are the correctly rounded ones
     return _append_zero(_rounded(float(b) ** rho for b in base))
 
 
 def schedule_exponential(ms: ModelSampling, steps: int) -> torch.Tensor:
     """k-diffusion get_sigmas_exponential: log-linear from sigma_max to sigma_min."""
     sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    return _append_zero(_rounded(math.exp(float(t)) for t in _linspace(math.log(sigma_max), math.log(sigma_min), steps)))
+    log_sigmas = _linspace(math.log(sigma_max), math.log(sigma_min), steps)
+    return _append_zero(_rounded(math.exp(float(t)) for t in log_sigmas))  # exp rounded once, as karras's pow
 
 
 def _betainc(a: float, b: float, x: float) -> float:
@@ -802,9 +803,11 @@ def sample(
 class CFGDenoiser:
     """ComfyUI sampling_function + cfg_function: velocity model -> denoised, with CFG on the denoised predictions.
 
-    model_fn(x [N, ...], sigma [N], context [N, ...]) -> v. cond/uncond are contexts with batch 1 or B. At cfg 1 the
-    uncond branch is skipped (ComfyUI's cfg1 optimisation, which returns cond * cfg); otherwise one call on
-    [uncond, cond] batched along dim 0, uncond first, as ComfyUI batches them.
+    model_fn(x [N, ...], sigma [N], context [N, ...]) -> v. cond/uncond are contexts with batch 1 or B. A model that
+    has `prepare_context` (the DiT) gets the prepared cross-attention K/V instead, made here once per generation:
+    model_fn(x, sigma, kv=model_fn.prepare_context(context)). At cfg 1 the uncond branch is skipped (ComfyUI's cfg1
+    optimisation, which returns cond * cfg); otherwise one call on [uncond, cond] batched along dim 0, uncond first,
+    as ComfyUI batches them.
     """
 
     def __init__(self, model_fn, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float):
@@ -813,37 +816,47 @@ class CFGDenoiser:
         self.uncond = uncond
         self.cfg = float(cfg)
         self.skip_uncond = math.isclose(self.cfg, 1.0)
-        self._batched = None
         if not self.skip_uncond and uncond is None:
             raise ConfigError(f"CFG {cfg} needs a negative conditioning (only CFG 1 runs without one)")
+        self._inputs: tuple[int, list[dict]] | None = None
+        self._model_inputs(cond.shape[0])
 
     @staticmethod
     def _expand(ctx: torch.Tensor, b: int) -> torch.Tensor:
         return ctx.expand(b, *ctx.shape[1:]) if ctx.shape[0] == 1 and b != 1 else ctx
 
-    def _denoised(self, x, sigma, v):
+    def _model_inputs(self, b: int) -> list[dict]:
+        # The conditioning keyword of each model call for a batch of b latents, in call order; made again only if a
+        # sampler changes the batch size.
+        if self._inputs is None or self._inputs[0] != b:
+            cond = self._expand(self.cond, b)
+            if self.skip_uncond:
+                contexts = [cond]
+            elif cond.shape[1:] != self.uncond.shape[1:]:
+                # A prompt past 512 T5 tokens is not padded, so the two contexts cannot share a batch: ComfyUI then
+                # runs them one after the other, uncond first.
+                contexts = [self._expand(self.uncond, b), cond]
+            else:
+                contexts = [torch.cat([self._expand(self.uncond, b), cond])]
+            prepare = getattr(self.model_fn, "prepare_context", None)
+            self._inputs = (b, [{"context": c} if prepare is None else {"kv": prepare(c)} for c in contexts])
+        return self._inputs[1]
+
+    def _denoised(self, x, sigma, inputs):
+        v = self.model_fn(x, sigma, **inputs)
         sigma = sigma.reshape(sigma.shape[:1] + (1,) * (v.ndim - 1))
         return x - v.float() * sigma
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        cond = self._expand(self.cond, b)
+        inputs = self._model_inputs(b)
         if self.skip_uncond:
-            d_cond = self._denoised(x, sigma, self.model_fn(x, sigma, cond))
+            d_cond = self._denoised(x, sigma, inputs[0])
             # ComfyUI: 0 + (cond - 0) * cfg, which is exactly cond at cfg == 1.0
             return d_cond * self.cfg if self.cfg != 1.0 else d_cond
-        uncond = self._expand(self.uncond, b)
-        if cond.shape[1:] != uncond.shape[1:]:
-            # A prompt past 512 T5 tokens is not padded, so the two contexts cannot share a batch: ComfyUI then runs
-            # them one after the other, uncond first.
-            d_uncond = self._denoised(x, sigma, self.model_fn(x, sigma, uncond))
-            d_cond = self._denoised(x, sigma, self.model_fn(x, sigma, cond))
+        if len(inputs) == 2:
+            d_uncond, d_cond = (self._denoised(x, sigma, i) for i in inputs)
             return d_uncond + (d_cond - d_uncond) * self.cfg
-        x_in = torch.cat([x, x])
-        sigma_in = torch.cat([sigma, sigma])
-        if self._batched is None or self._batched[0] != b:
-            # Built once, so the model sees the same context tensor every step and can keep its K/V.
-            self._batched = (b, torch.cat([uncond, cond]))
-        d = self._denoised(x_in, sigma_in, self.model_fn(x_in, sigma_in, self._batched[1]))
+        d = self._denoised(torch.cat([x, x]), torch.cat([sigma, sigma]), inputs[0])
         d_uncond, d_cond = d[:b], d[b:]
         return d_uncond + (d_cond - d_uncond) * self.cfg
