@@ -178,10 +178,11 @@ def run(
         _sync(dev)
         stamps.append(time.perf_counter())
 
-    denoiser = sampling.CFGDenoiser(dit, cond, uncond, cfg)
     with torch.inference_mode():
         _sync(dev)
         t_start = time.perf_counter()
+        # inside the first step's time: the denoiser prepares the cross-attention K/V, once per generation
+        denoiser = sampling.CFGDenoiser(dit, cond, uncond, cfg)
         out = sampling.sample(sampler, denoiser, x, sigmas, seed=seed, callback=on_step)
         decode_s = 0.0
         if vae is not None:

@@ -9,13 +9,16 @@ Parameterisation (stated once; every function below assumes it). Anima is a rect
     sigma = shift * t / (1 + (shift - 1) * t) over t = k/1000, k = 1..1000, shift 3 by default
 
 A sampler is a plain function `sample_<name>(model, x, sigmas, *, callback=None, noise_sampler=None, **options)`
-where `model(x, sigma_batch) -> denoised` (x0). Guidance (CFG) is a wrapper around the model, never a sampler option.
+where `model(x, sigma_batch) -> denoised` (x0), registered in SAMPLERS with the noise it draws and whether it needs the
+ModelSampling. Guidance (CFG) is a wrapper around the model, never a sampler option.
 Stochastic samplers use the RF forms and, where ComfyUI does, replace a first sigma of 1.0 by sigma(0.9999) so the
 half-log-SNR stays finite. Noise is drawn as ComfyUI does on the same device type: initial noise on a CPU generator,
 per-step noise on a generator on x's device seeded with seed + 1 on CPU (seed on CUDA), Brownian-tree noise on CPU.
 
-All schedules are float32 and bit-exact with ComfyUI on CPU; sampler arithmetic follows ComfyUI's op order so that
-float32 runs agree to float rounding (spec/sampling.md §0, L1/L2).
+All schedules are float32 and equal ComfyUI's reference values whatever the torch build: linspace follows ATen's CPU
+rule and karras/exponential round pow/exp correctly (ComfyUI inherits its torch build's float32 pow/exp, which can be
+1 ulp off). Sampler arithmetic follows ComfyUI's op order so that float32 runs agree to float rounding
+(spec/sampling.md §0, L1/L2).
 """
 
 from __future__ import annotations
@@ -860,3 +863,31 @@ class CFGDenoiser:
         d = self._denoised(torch.cat([x, x]), torch.cat([sigma, sigma]), inputs[0])
         d_uncond, d_cond = d[:b], d[b:]
         return d_uncond + (d_cond - d_uncond) * self.cfg
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inpainting
+
+
+def latent_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    """ComfyUI reshape_mask for a 5-D latent: a pixel mask [.., H, W] to the latent grid by trilinear interpolation
+    (no antialiasing: each cell takes the central 2x2 pixels of its 8x8 block), repeated over the channels."""
+    m = mask.float().reshape(1, 1, -1, *mask.shape[-2:])
+    m = torch.nn.functional.interpolate(m, size=tuple(shape[2:]), mode="trilinear")  # [1, 1, T, h, w]
+    return m.repeat(shape[0], shape[1], 1, 1, 1)
+
+
+class MaskedDenoiser:
+    """ComfyUI KSamplerX0Inpaint: where mask m < 1 the model sees, and the step keeps, the input latent.
+
+    At each call with sigma s: x_in = x*m + (s*noise + (1 - s)*latent)*(1 - m) with the run's initial noise, then
+    denoised*m + latent*(1 - m). mask [B, C, T, h, w] in [0, 1] (1 = repaint); latent in model space.
+    """
+
+    def __init__(self, model: Denoiser, mask: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor):
+        self.model, self.mask, self.noise, self.latent = model, mask, noise, latent
+        self.keep = 1.0 - mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x = x * self.mask + noise_scaling(sigma, self.noise, self.latent) * self.keep
+        return self.model(x, sigma) * self.mask + self.latent * self.keep
