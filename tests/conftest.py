@@ -1,3 +1,7 @@
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,3 +24,105 @@ def _isolated_user_state(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RDBT_HOME", str(home))
     monkeypatch.delenv("RDBT_MODELS", raising=False)
     yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes a test starts. torchrun starts each worker in a session of its own (torch.distributed.elastic), so killing
+# torchrun's process group leaves the workers behind, re-parented to init, where they wait forever for a rendezvous
+# store that died with torchrun. `spawn` marks every process it starts with an environment variable that children
+# inherit, and at the end kills every process that carries the mark, wherever it moved.
+
+_MARK = "RDBT_TEST_SPAWN"
+
+
+def _proc_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()] if os.path.isdir("/proc") else []
+
+
+def marked(token: str) -> list[int]:
+    """Every running process started under `token`, by the variable its environment inherited (Linux /proc)."""
+    needle = f"{_MARK}={token}".encode()
+    found = []
+    for pid in _proc_pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0") and alive(pid):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class Spawned:
+    """Starts processes in sessions of their own, marked; `kill` and the teardown SIGKILL every marked process."""
+
+    def __init__(self):
+        self.token = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.procs: list[subprocess.Popen] = []
+
+    def popen(self, cmd, env=None, **kw) -> subprocess.Popen:
+        env = {**(os.environ if env is None else env), _MARK: self.token}
+        proc = subprocess.Popen([str(c) for c in cmd], start_new_session=True, env=env, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, cmd, *, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        """subprocess.run(capture_output=True, text=True), but a timeout kills the whole tree, not just the root."""
+        proc = self.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def kill(self, timeout: float = 30.0) -> list[int]:
+        """SIGKILL every process started here and all their descendants (the roots' process groups first, stopped so
+        that nothing can start a replacement); waits until they are gone and returns the pids that were running."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        pids = marked(self.token)
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in self.procs:
+            proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pids
+
+
+@pytest.fixture
+def spawn():
+    spawned = Spawned()
+    yield spawned
+    spawned.kill()
+    assert not marked(spawned.token), "processes the test started survived SIGKILL"

@@ -39,7 +39,7 @@ def test_help_lists_the_commands_without_importing_torch():
         "import sys; from typer.testing import CliRunner; from rdbt_cli.cli import app; "
         "r = CliRunner().invoke(app, ['--help']); print(r.output); print('TORCH' if 'torch' in sys.modules else 'NO')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     for cmd in ("gen", "batch", "lora-stack", "inspect", "models", "presets", "download", "samplers"):
         assert cmd in out
     assert out.strip().endswith("NO")
@@ -213,34 +213,32 @@ def test_batch_reports_bad_lines_and_resumes_without_redoing(tmp_path):
     assert "3 already done" in r.output
 
 
-def test_installed_entry_point_runs_the_main_job(tmp_path):
+def test_installed_entry_point_runs_the_main_job(tmp_path, spawn):
     exe = shutil.which("rdbt")
     if exe is None:
         pytest.skip("the rdbt entry point is not on PATH (package not installed)")
-    v = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    v = spawn.run([exe, "--version"])
     assert v.returncode == 0 and v.stdout.startswith("rdbt ")
-    env = {**os.environ}
-    r = subprocess.run([exe, "gen", "hello", "--out", str(tmp_path), *TINY], capture_output=True, text=True, env=env)
+    r = spawn.run([exe, "gen", "hello", "--out", str(tmp_path), *TINY])
     assert r.returncode == 0, r.stderr
     assert len(_batch_pngs(tmp_path)) == 1
 
 
-def test_batch_interrupted_by_kill_resumes_with_nothing_lost_or_made_twice(tmp_path):
+def test_batch_interrupted_by_kill_resumes_with_nothing_lost_or_made_twice(tmp_path, spawn):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one --count 20\ntwo --count 20\n")  # enough work that the kill lands midway
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rdbt_cli", "batch", str(prompts), "--out", str(out), *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import time
 
     deadline = time.time() + 120
-    while time.time() < deadline and len(_batch_pngs(out)) < 2:
+    while time.time() < deadline and len(_batch_pngs(out)) < 2 and proc.poll() is None:
         time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    spawn.kill()
     partial = len(_batch_pngs(out))
     assert 2 <= partial < 40
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = spawn.run(cmd)
     assert r.returncode == 0, r.stderr
     files = _batch_pngs(out)
     assert len(files) == 40

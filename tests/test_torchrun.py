@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import alive, marked
+
 TINY = ["--model", "tiny", "--size", "48x32", "--steps", "2", "--quiet"]
 
 
@@ -41,11 +43,11 @@ def _prebuilt_tiny():
     ensure_tiny_models()
 
 
-def test_two_ranks_make_every_image_exactly_once(tmp_path):
+def test_two_ranks_make_every_image_exactly_once(tmp_path, spawn):
     prompts = tmp_path / "p.txt"
     prompts.write_text("alpha --count 3\nbeta\ngamma --count 2\n")
     out = tmp_path / "out"
-    r = subprocess.run(_torchrun(2, prompts, "--out", out), capture_output=True, text=True, timeout=300)
+    r = spawn.run(_torchrun(2, prompts, "--out", out))
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = _jobs(out)
     assert len(jobs) == 6 and len(set(jobs)) == 6
@@ -55,28 +57,29 @@ def test_two_ranks_make_every_image_exactly_once(tmp_path):
     assert len(manifests) == 2  # one per rank: no two writers share a file
 
 
-def test_killed_two_rank_batch_resumes_on_one_rank(tmp_path):
+def test_killed_two_rank_batch_resumes_on_one_rank(tmp_path, spawn):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one --count 20\ntwo --count 20\n")  # enough work that the kill lands midway
     out = tmp_path / "out"
-    proc = subprocess.Popen(_torchrun(2, prompts, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = spawn.popen(_torchrun(2, prompts, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("*.png"))) < 3:
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 3 and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, 9)
-    proc.wait()
+    running = marked(spawn.token)
+    # torchrun's workers run in sessions of their own: killing torchrun's process group alone would leave them behind.
+    assert sum(os.getsid(pid) != proc.pid for pid in running if alive(pid)) >= 2, running
+    spawn.kill()  # a crash of the whole job: torchrun and both workers
+    assert not any(alive(pid) for pid in running)
     partial = len(list(out.glob("*.png")))
     assert 3 <= partial < 40
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-m", "rdbt_cli", "batch", str(prompts), "--out", str(out), *TINY],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = spawn.run([sys.executable, "-m", "rdbt_cli", "batch", str(prompts), "--out", str(out), *TINY], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = _jobs(out)
     assert len(jobs) == 40 and len(set(jobs)) == 40
 
 
-def test_a_line_failing_on_one_rank_is_reported_and_the_rest_finish(tmp_path):
+def test_a_line_failing_on_one_rank_is_reported_and_the_rest_finish(tmp_path, spawn):
     from safetensors.torch import save_file
     import torch
 
@@ -90,7 +93,7 @@ def test_a_line_failing_on_one_rank_is_reported_and_the_rest_finish(tmp_path):
     prompts.write_text("fine one\nbroken --lora sdxl_style:0.8\nfine two\nfine three\n")
     out = tmp_path / "out"
     env = {**os.environ, "RDBT_MODELS": str(tmp_path / "models")}
-    r = subprocess.run(_torchrun(2, prompts, "--out", out), capture_output=True, text=True, env=env, timeout=300)
+    r = spawn.run(_torchrun(2, prompts, "--out", out), env=env)
     assert r.returncode != 0
     assert "line 2" in r.stderr and "sdxl_style" in r.stderr
     assert "3 images made" in r.stderr and "1 failed" in r.stderr
