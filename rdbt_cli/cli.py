@@ -394,7 +394,7 @@ def lora_stack_cmd(
 @friendly_errors
 def bench(
     model: Annotated[Optional[str], typer.Option(help="'full' (random Anima 2B, no download), 'tiny', or a DiT file.")] = "full",
-    size: Annotated[str, typer.Option(help="WxH.")] = "1024x1024",
+    size: Annotated[Optional[str], typer.Option(help="WxH (default 1024x1024; 256x256 on the tiny model).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 4,
     sampler: Annotated[str, typer.Option(help="Sampler.")] = "euler",
     scheduler: Annotated[str, typer.Option(help="Scheduler.")] = "simple",
@@ -413,7 +413,12 @@ def bench(
     problem = settings.value_problem("sampler", sampler) or settings.value_problem("scheduler", scheduler)
     if problem:
         raise ConfigError(problem)
-    w, h = settings.parse_size(size)
+    if size is None:
+        from rdbt_cli.jobs import TINY, TINY_DEFAULTS
+
+        w, h = (TINY_DEFAULTS.width, TINY_DEFAULTS.height) if model == TINY else (1024, 1024)
+    else:
+        w, h = settings.parse_size(size)
     result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
                            device=device.value, dtype=dtype.value, decode=decode, compile=compile,
                            low_vram=low_vram, attention=attention.value)

@@ -23,6 +23,14 @@ TINY = "tiny"
 TINY_DEFAULTS = GenParams(width=256, height=256, steps=12)
 
 
+def for_model(preset, model: Optional[str]):
+    """The preset as it applies to `model`: its size and steps are meant for the real model, so on the tiny model the
+    tiny defaults keep them (unless the preset itself picks the tiny model); flags still set them."""
+    if model != TINY or preset is None or preset.model == TINY:
+        return preset
+    return replace(preset, **{name: None for name, value in vars(TINY_DEFAULTS).items() if value is not None})
+
+
 @dataclass
 class Job:
     settings: GenParams  # every field resolved: this image's seed, the merged LoRA stack as files
@@ -70,7 +78,8 @@ class Planner:
         preset = self.preset(preset_name)
         model = presets.resolve_model(preset, model_flag)
         defaults = settings.layer(DEFAULTS, TINY_DEFAULTS if model == TINY else None, base)
-        return settings.resolve(preset, self.stack(), flags, defaults=defaults, lora_key=None), preset, model
+        return settings.resolve(for_model(preset, model), self.stack(), flags, defaults=defaults,
+                                lora_key=None), preset, model
 
     def paths(self, model: Optional[str]) -> ModelPaths:
         """Model, text encoder, VAE and tokenizer files, all checked before any weights are read."""

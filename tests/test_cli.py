@@ -1,7 +1,6 @@
 """The CLI as a user drives it: the tiny model end to end, metadata, --from, errors, batch resume, the entry point."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -252,6 +251,24 @@ def test_bench_runs_on_the_tiny_model():
     out = json.loads(r.output)
     assert out["steps"] == 2 and out["dit_blocks"] == 2 and out["step_s"] > 0 and out["images_per_min"] > 0
     assert out["tflop_per_step"] > 0 and out["peak_host_mem_gb"] > 0
+
+
+def test_the_tiny_model_keeps_its_quick_size_and_steps_under_a_preset(tmp_path):
+    from rdbt_cli import LoadParams, plan
+
+    def settings(preset=None, **flags):
+        jobs, _, _ = plan("x", LoadParams(model="tiny"), preset=preset, **flags)
+        g = jobs[0].settings
+        return g.width, g.height, g.steps, g.cfg
+
+    assert settings("rdbt") == (256, 256, 12, 1.0)  # rdbt's 1024x1024 at 20 steps is for the real model; its CFG holds
+    assert settings("rdbt", width=64, height=32, steps=3) == (64, 32, 3, 1.0)  # given by the user: the user's
+    own = tmp_path / "mine.toml"
+    own.write_text('model = "tiny"\nsteps = 2\nsize = "32x32"\n')
+    assert settings(str(own))[:3] == (32, 32, 2)  # a preset made for the tiny model keeps its own
+    r = run("bench", "--model", "tiny", "--steps", "2", "--no-decode", "--json")
+    assert r.exit_code == 0, r.output
+    assert (json.loads(r.output)["width"], json.loads(r.output)["height"]) == (256, 256)
 
 
 def test_dit_flop_count_matches_the_roofline_table():
