@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,28 @@ def apply_rope_split_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class NAG:
+    """Normalized Attention Guidance (Chen et al. 2025, arXiv:2505.21179) on a cross-attention output, as the
+    ComfyUI-NAG-Extended fork (newsletternewsletter@43c54bc, anima/layers.py) applies it to Anima.
+
+    z+ and z- are the image tokens' attention outputs (B, L, H*D) over the prompt and the negative. The guided output
+    moves away from z- by `scale`, its per-token L1 norm (all heads together) is capped at `tau` times that of z+,
+    and it is blended back with z+ by `alpha`.
+    """
+
+    scale: float
+    tau: float
+    alpha: float
+
+    def __call__(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
+        g = z_pos * self.scale - z_neg * (self.scale - 1)
+        ratio = (torch.linalg.vector_norm(g, 1, dim=-1, keepdim=True).clamp_min(1e-6)
+                 / torch.linalg.vector_norm(z_pos, 1, dim=-1, keepdim=True).clamp_min(1e-6))  # (B, L, 1)
+        g = g * (ratio.clamp(max=self.tau) / ratio)
+        return torch.lerp(z_pos, g, self.alpha)
+
+
 class DiTAttention(_QKNormAttention):
     out_name = "output_proj"
 
@@ -408,7 +431,9 @@ class DiTAttention(_QKNormAttention):
         k, v = self.keys_values(context)
         return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D), the layout attention() takes
 
-    def forward(self, x, rope=None, kv=None):
+    def forward(self, x, rope=None, kv=None, nag=None):
+        """Self-attention (rope) or cross-attention over prepared `kv`. nag = (NAG, (k-, v-)) guides the last
+        k-.shape[0] rows of the batch (the cond rows: CFG batches uncond first) with the negative's K/V."""
         B = x.shape[0]
         q = self.query(x)
         if kv is None:  # self-attention, with RoPE on q and k
@@ -419,7 +444,14 @@ class DiTAttention(_QKNormAttention):
             k, v = kv
             if k.shape[0] != B:
                 k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-        return self.output_proj(attention(q.transpose(1, 2), k, v))
+        q = q.transpose(1, 2)
+        z = attention(q, k, v)  # (B, L, H*D)
+        if nag is not None:
+            guide, (k_neg, v_neg) = nag
+            first = B - k_neg.shape[0]  # the same image query attends to the negative too
+            guided = guide(z[first:], attention(q[first:], k_neg, v_neg))
+            z = torch.cat((z[:first], guided)) if first else guided
+        return self.output_proj(z)
 
 
 class MLP(nn.Module):
@@ -452,14 +484,14 @@ class DiTBlock(nn.Module):
         self.adaln_modulation_cross_attn = _adaln(D, p.adaln_lora_dim, 3)
         self.adaln_modulation_mlp = _adaln(D, p.adaln_lora_dim, 3)
 
-    def forward(self, x, emb, adaln_lora, rope, kv):
+    def forward(self, x, emb, adaln_lora, rope, kv, nag=None):
         # x: (B, L, D) residual stream; emb, adaln_lora: (B, 1, D), (B, 1, 3D) in the compute dtype
         # The gated update is formed in the residual stream's dtype (fp32 under fp16, as ComfyUI); a no-op otherwise.
         dt, r = emb.dtype, x.dtype
         shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
         x = x + gate.to(r) * self.self_attn(_modulate(x, shift, scale, dt), rope=rope).to(r)
         shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        x = x + gate.to(r) * self.cross_attn(_modulate(x, shift, scale, dt), kv=kv).to(r)
+        x = x + gate.to(r) * self.cross_attn(_modulate(x, shift, scale, dt), kv=kv, nag=nag).to(r)
         shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
         return x + gate.to(r) * self.mlp(_modulate(x, shift, scale, dt)).to(r)
 
@@ -542,9 +574,11 @@ class _StreamOut:
 class AnimaDiT(nn.Module):
     """Anima's Cosmos-Predict2 DiT with its LLM adapter (`llm_adapter`); attribute names are the released keys.
 
-    forward(x, timestep, context=None, kv=None) -> v
+    forward(x, timestep, context=None, kv=None, nag=None, nag_kv=None) -> v
         x [B, in_channels, T, h, w] (any float dtype; T = 1 for images), timestep [B] = sigma in [0, 1] (not x1000),
         context [B or 1, S, context_dim] = `encode_context` output, or instead kv = `prepare_context(context)`.
+        nag (a NAG) with nag_kv = `prepare_context(negative)` guides every block's cross-attention of the last
+        nag_kv batch rows; self-attention, MLP and AdaLN still run once per row.
         Returns the velocity, float32, shaped like x. Odd h/w are padded circularly to the patch size and the output
         cropped back (ComfyUI pad_to_patch_size).
     encode_context(qwen_hidden [B, N, source_dim], t5_ids [B, M] long, t5_weights [B, M]) -> [B, max(512, M), ctx]
@@ -651,6 +685,8 @@ class AnimaDiT(nn.Module):
         timestep: torch.Tensor,
         context: torch.Tensor | None = None,
         kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        nag: NAG | None = None,
+        nag_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         p = self.params
         dt = self.compute_dtype
@@ -676,8 +712,9 @@ class AnimaDiT(nn.Module):
             kv = self.prepare_context(context)
         if dt == torch.float16:
             x = x.float()  # fp16 range is too small for the residual stream
-        for block, block_kv in zip(self.blocks, kv):
-            x = block(x, emb, adaln_lora, rope, block_kv)
+        guides = [None] * len(self.blocks) if nag is None else [(nag, neg) for neg in nag_kv]
+        for block, block_kv, guide in zip(self.blocks, kv, guides):
+            x = block(x, emb, adaln_lora, rope, block_kv, guide)
 
         D = p.model_channels
         shift, scale = (self.final_layer.adaln_modulation(emb) + adaln_lora[..., : 2 * D]).chunk(2, dim=-1)

@@ -803,6 +803,23 @@ def sample(
 # Classifier-free guidance
 
 
+@dataclass(frozen=True)
+class NAGGuidance:
+    """Normalized Attention Guidance for CFGDenoiser, as ComfyUI-NAG-Extended's KSamplerWithNAG runs it on Anima (the
+    newsletternewsletter fork, which fixes the released pack): `negative` is a context made like the prompt's (adapter,
+    padded to 512), `guide` the per-cross-attention rule (engine.NAG). It guides the cond rows only, and only for model
+    calls whose sigma (the one the model receives) lies in [sigma_end, sigma_start]."""
+
+    negative: torch.Tensor
+    guide: object
+    sigma_start: float
+    sigma_end: float
+
+    def active(self, sigma: torch.Tensor) -> bool:
+        # float32 comparisons, as the node compares its Python bounds with the model's sigma tensor
+        return bool(((sigma >= self.sigma_end) & (sigma <= self.sigma_start)).all())
+
+
 class CFGDenoiser:
     """ComfyUI sampling_function + cfg_function: velocity model -> denoised, with CFG on the denoised predictions.
 
@@ -810,10 +827,12 @@ class CFGDenoiser:
     has `prepare_context` (the DiT) gets the prepared cross-attention K/V instead, made here once per generation:
     model_fn(x, sigma, kv=model_fn.prepare_context(context)). At cfg 1 the uncond branch is skipped (ComfyUI's cfg1
     optimisation, which returns cond * cfg); otherwise one call on [uncond, cond] batched along dim 0, uncond first,
-    as ComfyUI batches them.
+    as ComfyUI batches them. With `nag` (such a model only), the call holding the cond rows also gets
+    nag=nag.guide, nag_kv=the negative's K/V (prepared once too) while the sigma is in its window.
     """
 
-    def __init__(self, model_fn, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float):
+    def __init__(self, model_fn, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float,
+                 nag: NAGGuidance | None = None):
         self.model_fn = model_fn
         self.cond = cond
         self.uncond = uncond
@@ -821,16 +840,23 @@ class CFGDenoiser:
         self.skip_uncond = math.isclose(self.cfg, 1.0)
         if not self.skip_uncond and uncond is None:
             raise ConfigError(f"CFG {cfg} needs a negative conditioning (only CFG 1 runs without one)")
-        self._inputs: tuple[int, list[dict]] | None = None
+        self.nag = nag
+        self._nag_kv = None
+        if nag is not None:
+            prepare = getattr(model_fn, "prepare_context", None)
+            if prepare is None:
+                raise ConfigError("NAG needs a model whose cross-attention K/V can be prepared (the Anima DiT)")
+            self._nag_kv = prepare(nag.negative)
+        self._inputs: tuple[int, list[dict], list[dict]] | None = None
         self._model_inputs(cond.shape[0])
 
     @staticmethod
     def _expand(ctx: torch.Tensor, b: int) -> torch.Tensor:
         return ctx.expand(b, *ctx.shape[1:]) if ctx.shape[0] == 1 and b != 1 else ctx
 
-    def _model_inputs(self, b: int) -> list[dict]:
-        # The conditioning keyword of each model call for a batch of b latents, in call order; made again only if a
-        # sampler changes the batch size.
+    def _model_inputs(self, b: int, guided: bool = False) -> list[dict]:
+        # The conditioning keywords of each model call for a batch of b latents, in call order, without and with NAG;
+        # made again only if a sampler changes the batch size.
         if self._inputs is None or self._inputs[0] != b:
             cond = self._expand(self.cond, b)
             if self.skip_uncond:
@@ -842,8 +868,13 @@ class CFGDenoiser:
             else:
                 contexts = [torch.cat([self._expand(self.uncond, b), cond])]
             prepare = getattr(self.model_fn, "prepare_context", None)
-            self._inputs = (b, [{"context": c} if prepare is None else {"kv": prepare(c)} for c in contexts])
-        return self._inputs[1]
+            plain = [{"context": c} if prepare is None else {"kv": prepare(c)} for c in contexts]
+            with_nag = plain
+            if self._nag_kv is not None:  # the last call holds the cond rows, last in its batch
+                neg = [(k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])) for k, v in self._nag_kv]
+                with_nag = [*plain[:-1], {**plain[-1], "nag": self.nag.guide, "nag_kv": neg}]
+            self._inputs = (b, plain, with_nag)
+        return self._inputs[2 if guided else 1]
 
     def _denoised(self, x, sigma, inputs):
         v = self.model_fn(x, sigma, **inputs)
@@ -852,7 +883,7 @@ class CFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        inputs = self._model_inputs(b)
+        inputs = self._model_inputs(b, self.nag is not None and self.nag.active(sigma))
         if self.skip_uncond:
             d_cond = self._denoised(x, sigma, inputs[0])
             # ComfyUI: 0 + (cond - 0) * cfg, which is exactly cond at cfg == 1.0
