@@ -43,6 +43,13 @@ DType = Enum("DType", {name: name for name in DTYPES}, type=str)
 Attention = Enum("Attention", {name: name for name in ATTENTION_BACKENDS}, type=str)
 
 
+# What Ctrl-C leaves behind, by command.
+_INTERRUPTED = {
+    "gen": "interrupted; the images already written are kept",
+    "batch": "interrupted; finished images are kept (run the same command again to resume where it stopped)",
+}
+
+
 def friendly_errors(fn):
     """Every user mistake is one readable line and a non-zero exit code; --debug shows the traceback."""
 
@@ -54,7 +61,7 @@ def friendly_errors(fn):
             if _state["debug"]:
                 raise
             if isinstance(err, KeyboardInterrupt):
-                message, code = "interrupted; finished images are kept (rdbt batch resumes where it stopped)", 130
+                message, code = _INTERRUPTED.get(fn.__name__, "interrupted"), 130
             else:
                 message, code = f"error: {err}", getattr(err, "exit_code", 1)
             typer.echo(message, err=True)
@@ -148,6 +155,10 @@ def _warn(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
 
+def _note(message: str) -> None:
+    typer.echo(f"note: {message}", err=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # gen and batch
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,6 +190,9 @@ def gen(
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     dest = metadata.check_destination(out or "outputs")
     todo, load, paths = jobs.plan(prompt, load, flags, preset=preset, no_stack=no_stack, recipe=recipe)
+    unused = jobs.unused_negative(todo[0].settings)
+    if unused:
+        _note(unused)
 
     from rdbt_cli.runner import Runner
 
@@ -212,7 +226,7 @@ def batch(
     """
     from dataclasses import replace
 
-    from rdbt_cli import batch as batch_mod, metadata
+    from rdbt_cli import batch as batch_mod, jobs, metadata
 
     t_start = time.perf_counter()
     rank, world, local_rank = batch_mod.torchrun_env()
@@ -225,6 +239,14 @@ def batch(
         if resolve_device(load.device).type == "cuda":
             load = replace(load, device=f"cuda:{local_rank}")
     bp = batch_mod.plan(text, load, flags, preset=preset, no_stack=no_stack, out_dir=out_dir, rank=rank, world=world)
+    if not bp.lines and not bp.failures:  # the same file on every rank: all of them stop here
+        if rank == 0:
+            _warn(f"{file}: no prompts (only blank lines and # comments); nothing to make")
+        return
+    unused = sorted(ln for ln, (g, *_) in bp.lines.items() if jobs.unused_negative(g))
+    if unused and rank == 0:
+        _note(f"line{'s' if len(unused) > 1 else ''} {', '.join(map(str, unused))}: "
+              f"{jobs.unused_negative(bp.lines[unused[0]][0])}")
     made = 0
     with Progress(len(bp.jobs), quiet) as bar:
         for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched,
@@ -233,12 +255,7 @@ def batch(
             bar.done(path, image.recipe, image.timings, as_json)
     total, failures, wall = batch_mod.gather(rank, world, made, bp.failures, time.perf_counter() - t_start)
     if rank == 0:  # one summary for all ranks
-        rate = total / wall * 60 if wall > 0 else 0.0
-        done = f", {bp.done} already done" if bp.done else ""
-        typer.echo(f"{total} images made{done}, {len(failures)} failed lines, {rate:.1f} images/min over {world} "
-                   "process(es)", err=True)
-        for ln in sorted(failures):
-            typer.echo(f"  {failures[ln]}", err=True)
+        typer.echo(console.batch_summary(total, bp.done, failures, wall, world), err=True)
     if failures:  # every rank exits non-zero if any line failed anywhere
         raise typer.Exit(1)
 
@@ -321,7 +338,7 @@ def presets(
             typer.echo(json.dumps([p._asdict() for p in items], indent=1, default=str))
             return
         for p in items:
-            typer.echo(f"{p.name:16} {p.source:8} {p.description or ''}")
+            typer.echo(f"{p.name:16} {p.source:8} {f'invalid: {p.error}' if p.error else p.description or ''}")
         return
     preset = presets_mod.load_preset(name)
     path = getattr(preset, "path", None)
@@ -370,8 +387,8 @@ def lora_stack_cmd(
         lora_stack.add(parse_lora_arg(item), Planner(LoadParams(models_dir=models_dir)).lora_dirs())
     for item in set_ or []:
         spec = parse_lora_arg(item)
-        if ":" not in item:
-            raise ConfigError(f"--set {item}: give NAME:WEIGHT, e.g. --set turbo:0.4")
+        if spec.name == item.strip():  # no number after the last colon
+            raise ConfigError(f"--set {item}: give NAME:WEIGHT with a number for the weight, e.g. --set turbo:0.4")
         lora_stack.set_weight(spec.name, spec.weight)
     for item in remove or []:
         lora_stack.remove(item)

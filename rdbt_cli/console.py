@@ -63,6 +63,20 @@ class Progress:
             typer.echo(line)
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def batch_summary(made: int, done: int, failures: dict[int, str], wall: float, world: int) -> str:
+    """The batch's closing lines: what was made, what an earlier run had made, each failed line."""
+    rate = made / wall * 60 if wall > 0 else 0.0
+    already = f", {done} already done" if done else ""
+    lines = [f"{plural(made, 'image')} made{already}, {plural(len(failures), 'failed line')}, {rate:.1f} images/min "
+             f"over {world} process(es)"]
+    lines += [f"  {failures[ln]}" for ln in sorted(failures)]
+    return "\n".join(lines)
+
+
 _DETAIL_KEYS = ("blocks", "width", "layers", "base_dim", "format", "algo", "rank", "targets", "quant", "dtype", "error")
 
 

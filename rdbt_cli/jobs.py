@@ -46,6 +46,13 @@ def random_seed() -> int:
     return random.getrandbits(63)
 
 
+def unused_negative(gen: GenParams) -> Optional[str]:
+    """A note when resolved settings carry a negative prompt that nothing reads: CFG 1 never evaluates it (NAG does)."""
+    if gen.negative and gen.cfg == 1 and not getattr(gen, "nag_scale", None):
+        return "the negative prompt is not used at --cfg 1 (which skips it, twice as fast); raise --cfg to use it"
+    return None
+
+
 class Planner:
     """Resolves settings and files for one load; reads each preset, the LoRA stack and each LoRA name once."""
 

@@ -81,12 +81,24 @@ def save_stack(specs: list[LoraSpec]) -> Path:
     return path
 
 
+def _names(spec: LoraSpec) -> tuple[str, ...]:
+    """What an entry answers to: its name, and for a file given by path its file name and stem as well."""
+    if not _looks_like_path(spec.name):
+        return (spec.name,)
+    p = Path(spec.name)
+    return spec.name, p.name, p.stem
+
+
 def _find(specs: list[LoraSpec], name: str) -> int:
-    """Index of `name` in the stack: exact, else a unique prefix."""
+    """Index of `name` in the stack: exact (a path entry also by its path as typed, file name or stem), else a
+    unique prefix."""
+    typed = Path(name).expanduser()
+    if _looks_like_path(name) and typed.exists():
+        name = str(typed.resolve())  # the path as `add` stored it
     for i, s in enumerate(specs):
-        if s.name == name:
+        if name in _names(s):
             return i
-    hits = [i for i, s in enumerate(specs) if s.name.startswith(name)]
+    hits = [i for i, s in enumerate(specs) if any(n.startswith(name) for n in _names(s))]
     if len(hits) == 1:
         return hits[0]
     listed = ", ".join(s.name for s in specs) or "the stack is empty"
@@ -189,6 +201,9 @@ def resolve_lora_name(name: str, lora_dirs: list[str | os.PathLike]) -> Path:
     if pickled:
         raise LoraError(f"{pickled[0]}: pickle LoRAs ({pickled[0].suffix}) are never loaded; "
                         "convert it to .safetensors")
+    stem, colon, weight = name.rpartition(":")
+    if colon and stem and not _looks_like_path(weight):  # `style:abc`: a weight that is not a number
+        raise LoraError(f"LoRA {name!r}: the weight {weight!r} is not a number; write NAME:WEIGHT, e.g. {stem}:0.7")
     if _looks_like_path(name):
         raise LoraError(f"{p}: LoRA file not found; check the path")
     where = f"in {', '.join(str(d) for d in dirs)}" if dirs else "(no loras/ folder was found)"

@@ -35,6 +35,7 @@ class PresetInfo(NamedTuple):
     path: Path
     source: str  # "builtin" or "user"
     description: str | None
+    error: str | None = None  # why the file is not a valid preset (file:line: problem), as `--preset` would say
 
 
 @dataclass
@@ -64,12 +65,13 @@ def user_presets_dir() -> Path:
     return user_dir() / "presets"
 
 
-def _description(path: Path) -> str | None:
+def _info(path: Path, source: str) -> PresetInfo:
+    """A preset file for the list, validated as `--preset` validates it, so a bad file is listed with its problem."""
     try:
-        value = tomllib.loads(path.read_text(encoding="utf-8")).get("description")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return "(invalid preset file)"
-    return value if isinstance(value, str) else None
+        preset = _read(path, path.stem)
+    except ConfigError as err:
+        return PresetInfo(path.stem, path, source, None, str(err))
+    return PresetInfo(path.stem, path, source, preset.description)
 
 
 def list_presets() -> list[PresetInfo]:
@@ -78,7 +80,7 @@ def list_presets() -> list[PresetInfo]:
     for source, folder in (("builtin", builtin_dir()), ("user", user_presets_dir())):
         if folder.is_dir():
             for path in sorted(folder.glob("*.toml")):
-                found[path.stem] = PresetInfo(path.stem, path, source, _description(path))
+                found[path.stem] = _info(path, source)
     return [found[name] for name in sorted(found)]
 
 
@@ -206,6 +208,10 @@ def load_preset(name_or_path: str | Path) -> Preset:
             raise ConfigError(f'no preset named "{name}"; available presets: {available} '
                               f"(or put {name}.toml in {user_presets_dir()})")
         path = known[name].path
+    return _read(path, name)
+
+
+def _read(path: Path, name: str) -> Preset:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:

@@ -422,7 +422,7 @@ def test_batch_with_other_batch_wide_settings_is_a_new_batch(tmp_path):
     out = tmp_path / "out"
     assert run("batch", prompts, "--out", out, *TINY).exit_code == 0
     r = run("batch", prompts, "--out", out, "--model", "tiny", "--size", "32x32", "--steps", "2", "--quiet")
-    assert r.exit_code == 0 and "1 images made" in r.output
+    assert r.exit_code == 0 and "1 image made," in r.output
     assert len(_batch_pngs(out)) == 2
 
 
@@ -459,7 +459,7 @@ def test_no_prompt_and_interrupt_and_partial_inspect(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "generate", interrupted)
     r = run("gen", "x", "--out", tmp_path, *TINY)
-    assert r.exit_code == 130 and "interrupted" in r.output
+    assert r.exit_code == 130 and "interrupted" in r.output and "batch" not in r.output and "resume" not in r.output
     monkeypatch.undo()
     good = tmp_path / "good.png"
     assert run("gen", "x", "--seed", 1, "--out", good, *TINY).exit_code == 0
@@ -467,6 +467,25 @@ def test_no_prompt_and_interrupt_and_partial_inspect(tmp_path, monkeypatch):
     junk.write_bytes(b"nope")
     r = run("inspect", good, junk)
     assert r.exit_code == 1 and "junk.png" in r.output and "seed:" in r.output
+
+
+def test_small_things_a_new_user_meets(tmp_path):
+    # a weight that is not a number is reported as the weight, not as a missing LoRA
+    assert_one_line_error(run("gen", "x", "--lora", "style:abc", "--out", tmp_path, *TINY), "weight 'abc'", "style:0.7")
+    assert_one_line_error(run("lora-stack", "--set", "style:abc"), "--set style:abc", "number")
+    # a negative prompt at CFG 1 is never evaluated: one note says so, and nothing when it is used
+    r = run("gen", "x", "-n", "blurry", "--cfg", 1, "--out", tmp_path, *TINY)
+    assert r.exit_code == 0 and r.output.count("note: the negative prompt is not used at --cfg 1") == 1, r.output
+    assert "note:" not in run("gen", "x", "-n", "blurry", "--cfg", 2, "--out", tmp_path, *TINY).output
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a --cfg 1 -n bad\nb\nc -n bad --cfg 1\n")
+    r = run("batch", prompts, "--out", tmp_path / "b", *TINY)
+    assert r.exit_code == 0 and "note: lines 1, 3: the negative prompt is not used" in r.output, r.output
+    # a batch file with nothing to make says so
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    r = run("batch", empty, "--out", tmp_path / "e", *TINY)
+    assert r.exit_code == 0 and "no prompts" in r.output and "empty.txt" in r.output and "images made" not in r.output
 
 
 def test_bench_rejects_unknown_sampler_and_scheduler():

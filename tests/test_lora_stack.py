@@ -136,3 +136,21 @@ def test_a_stack_file_with_a_non_integer_version_is_a_clear_error():
     path.write_text('{"version": "1", "loras": []}')
     with pytest.raises(LoraError, match="version"):
         lora_stack.load_stack()
+
+
+def test_a_path_entry_is_edited_by_the_path_as_typed_its_file_name_or_stem(tmp_path, monkeypatch):
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "style.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    stored = str(tmp_path / "l" / "style.safetensors")
+    assert lora_stack.add(LoraSpec("l/style.safetensors", 0.7), []) == [LoraSpec(stored, 0.7)]
+    for name, weight in (("l/style.safetensors", 0.3), ("style.safetensors", 0.4), ("style", 0.5), (stored, 0.6)):
+        assert lora_stack.set_weight(name, weight) == [LoraSpec(stored, weight)]
+    assert lora_stack.remove("style") == []
+
+
+def test_a_weight_that_is_not_a_number_is_named_as_the_weight(tmp_path):
+    with pytest.raises(LoraError, match="the weight 'abc' is not a number.*style:0.7"):
+        lora_stack.resolve_lora_name("style:abc", [tmp_path])
+    with pytest.raises(LoraError, match="not found"):  # no colon: a missing LoRA is still a missing LoRA
+        lora_stack.resolve_lora_name("style", [tmp_path])

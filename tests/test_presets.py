@@ -96,6 +96,28 @@ def test_user_preset_overrides_builtin_and_is_listed():
     assert load_preset("zz-mine").cfg == 2.0 and isinstance(load_preset("zz-mine").cfg, float)
 
 
+def test_invalid_user_presets_are_listed_with_their_problem():
+    write_user_preset("bad-value", 'steps = "many"\n')
+    write_user_preset("bad-toml", "steps = \n")
+    write_user_preset("good", 'description = "fine"\nsteps = 9\n')
+    infos = {i.name: i for i in list_presets()}
+    for name, words in (("bad-value", "whole number"), ("bad-toml", "not valid TOML")):
+        info = infos[name]
+        assert info.description is None and f"{name}.toml:1:" in info.error and words in info.error
+        with pytest.raises(ConfigError) as err:  # the same words `--preset` says
+            load_preset(name)
+        assert str(err.value) == info.error
+    assert infos["good"].error is None and infos["good"].description == "fine"
+
+
+def test_bundled_preset_comments_cite_only_what_the_repository_has():
+    for path in sorted((REPO / "presets").glob("*.toml")):
+        comments = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines() if line.lstrip().startswith("#"))
+        for cited in re.findall(r"[\w./-]+\.(?:md|py|json|toml)\b", comments):
+            assert (REPO / cited).exists(), f"{path.name} cites {cited}, which the repository does not have"
+        assert "spec/" not in comments and "§" not in comments, path.name
+
+
 def test_load_by_path_with_model_and_loras(tmp_path, monkeypatch):
     path = tmp_path / "mine.toml"
     path.write_text(
