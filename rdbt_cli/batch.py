@@ -305,12 +305,17 @@ class BatchPlan:
 
 
 def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_stack: bool = False,
-         out_dir: str | os.PathLike = "outputs", rank: int = 0, world: int = 1) -> BatchPlan:
-    """Every line resolved (batch flags < line overrides; a bad line fails alone) and this rank's jobs planned."""
-    from rdbt_cli.jobs import Planner
+         out_dir: str | os.PathLike = "outputs", rank: int = 0, world: int = 1,
+         base_dir: str | os.PathLike | None = None) -> BatchPlan:
+    """Every line resolved (batch flags < line overrides; a bad line fails alone) and this rank's jobs planned.
+
+    Input files named on a line are relative to `base_dir` (the prompt file's folder), those of `flags` to the current
+    folder."""
+    from rdbt_cli.jobs import Planner, anchor_files
     from rdbt_cli.settings import layer
 
     lines = parse_batch(text)
+    flags = anchor_files(flags, Path.cwd())
     # The same file with other batch-wide settings is another batch: it must not count the first one's images as done.
     wide = [vars(flags), preset, load.model, load.text_encoder, load.vae, load.dtype, no_stack]
     bid = batch_id(text + "\0" + json.dumps(wide, default=str, sort_keys=True))
@@ -321,7 +326,8 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
         if line.error:
             continue
         try:
-            g, p, m = planner.settings(layer(flags, line.overrides), line.preset or preset, model_flag=load.model)
+            overrides = anchor_files(line.overrides, Path(base_dir) if base_dir is not None else Path.cwd())
+            g, p, m = planner.settings(layer(flags, overrides), line.preset or preset, model_flag=load.model)
         except RdbtError as err:
             failures[line.lineno] = f"line {line.lineno}: {err}"
             continue
@@ -385,7 +391,7 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
                 job = planner.job(g, seed, current.index, paths, p, wanted,
                                   batch={"id": bp.id, "line": ln, "job": current.key})
                 if on_image:
-                    on_image(f"line {ln} #{current.index + 1} seed {seed}", g.steps)
+                    on_image(f"line {ln} #{current.index + 1} seed {seed}", job.steps)
                 made = runner.run(job, callback)
                 path = metadata.save_png(made.image, out_dir, made.recipe, stem=stem)
             except RdbtError as err:

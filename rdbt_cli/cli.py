@@ -199,7 +199,7 @@ def gen(
     runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=_warn)
     with Progress(len(todo), quiet) as bar:
         for job in todo:
-            bar.start_image(f"seed {job.seed}", job.settings.steps)
+            bar.start_image(f"seed {job.seed}", job.steps)
             made = runner.run(job, bar.step)
             path = metadata.save_png(made.image, dest, None if no_metadata else made.recipe,
                                      metadata=not no_metadata, stem=f"rdbt-{job.seed}")
@@ -238,7 +238,8 @@ def batch(
 
         if resolve_device(load.device).type == "cuda":
             load = replace(load, device=f"cuda:{local_rank}")
-    bp = batch_mod.plan(text, load, flags, preset=preset, no_stack=no_stack, out_dir=out_dir, rank=rank, world=world)
+    bp = batch_mod.plan(text, load, flags, preset=preset, no_stack=no_stack, out_dir=out_dir, rank=rank, world=world,
+                        base_dir=Path.cwd() if file == "-" else Path(file).parent)
     if not bp.lines and not bp.failures:  # the same file on every rank: all of them stop here
         if rank == 0:
             _warn(f"{file}: no prompts (only blank lines and # comments); nothing to make")

@@ -3,7 +3,8 @@
 A `Job` is one image: its complete settings (every row of settings.SETTINGS filled), its seed, the preset it came
 from, the model it asks for and its LoRA files. `Planner` makes jobs for one load (device, models folder, model
 flags): it layers defaults < preset < persistent LoRA stack < flags < batch line, merges LoRAs by file, and finds
-every file, caching what a batch would otherwise read once per line. No torch here.
+every file, caching what a batch would otherwise read once per line. Input images and masks are opened and checked
+here too (a relative path in a batch line is relative to the prompt file). No torch here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from rdbt_cli import discovery, lora_stack, presets, settings, text
+from rdbt_cli import discovery, images, lora_stack, presets, settings, text
 from rdbt_cli.config import LoadParams, LoraSpec, ModelPaths
 from rdbt_cli.settings import DEFAULTS, GenParams
 
@@ -40,6 +41,13 @@ class Job:
     model: Optional[str] = None  # as asked: "tiny", a path or a name in the models folder; None = the one there
     loras: list[tuple[Path, float]] = field(default_factory=list)  # files and weights, none of weight 0
     extra: dict = field(default_factory=dict)  # recorded as they are (a batch's line and job key)
+    notes: list[str] = field(default_factory=list)  # warnings for the user (a scaled mask, a large hires pass)
+
+    @property
+    def steps(self) -> int:
+        """Sampler steps of the whole job: the first pass and the hires pass."""
+        g = self.settings
+        return g.steps + ((g.hires_steps or g.steps) if g.hires else 0)
 
 
 def random_seed() -> int:
@@ -53,6 +61,14 @@ def unused_negative(gen: GenParams) -> Optional[str]:
     return None
 
 
+def anchor_files(params: GenParams, base: Path) -> GenParams:
+    """`params` with each relative input path (init image, mask) made absolute from `base`: the current folder for
+    flags, the prompt file's folder for a batch line."""
+    files = {s.name: os.path.abspath(os.path.join(base, os.path.expanduser(getattr(params, s.name))))
+             for s in settings.SETTINGS if s.type is Path and getattr(params, s.name)}
+    return replace(params, **files)
+
+
 class Planner:
     """Resolves settings and files for one load; reads each preset, the LoRA stack and each LoRA name once."""
 
@@ -63,6 +79,7 @@ class Planner:
         self._stack: Optional[list[LoraSpec]] = None
         self._paths: dict = {}
         self._lora_files: dict = {}
+        self._inputs: dict = {}
 
     def models_dirs(self) -> list[Path]:
         return list(discovery.models_dirs(self.load.models_dir))
@@ -85,8 +102,22 @@ class Planner:
         preset = self.preset(preset_name)
         model = presets.resolve_model(preset, model_flag)
         defaults = settings.layer(DEFAULTS, TINY_DEFAULTS if model == TINY else None, base)
-        return settings.resolve(for_model(preset, model), self.stack(), flags, defaults=defaults,
-                                lora_key=None), preset, model
+        gen = settings.resolve(for_model(preset, model), self.stack(), flags, defaults=defaults, lora_key=None)
+        if gen.init_image:
+            inputs = self.inputs(gen)
+            if (flags.width is None or flags.height is None) and not (base is not None and base.width):
+                # The image's own size beats defaults and presets; an explicit side beats the image.
+                gen.width, gen.height = inputs.size(flags.width, flags.height)
+                settings.check_all(gen, lambda s: f"init image {gen.init_image} gives {s.name}")
+        settings.check_together(gen)
+        return gen, preset, model
+
+    def inputs(self, gen: GenParams) -> images.Inputs:
+        """The job's input files, opened and checked once per batch."""
+        key = (gen.init_image, gen.mask, gen.inpaint)
+        if key not in self._inputs:
+            self._inputs[key] = images.Inputs(*key)
+        return self._inputs[key]
 
     def paths(self, model: Optional[str]) -> ModelPaths:
         """Model, text encoder, VAE and tokenizer files, all checked before any weights are read."""
@@ -142,7 +173,8 @@ class Planner:
         files = self.lora_files(gen.loras or [], paths)
         seed %= 2**64
         resolved = replace(gen, seed=seed, loras=[LoraSpec(str(p), w) for p, w in files])
-        return Job(resolved, seed, index, getattr(preset, "name", None), model, files, extra)
+        notes = [*(self.inputs(gen).notes if gen.init_image else []), *settings.advice(gen)]
+        return Job(resolved, seed, index, getattr(preset, "name", None), model, files, extra, notes)
 
 
 def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = None, *, preset: Optional[str] = None,
@@ -154,12 +186,13 @@ def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = N
     `recipe` (read back from a PNG) comes under the preset and the flags; its complete LoRA stack replaces the
     persistent one, and its model files are used unless `load` names others.
     """
-    flags = replace(settings.layer(flags, settings.from_flags(values)), prompt=prompt)
+    flags = replace(anchor_files(settings.layer(flags, settings.from_flags(values)), Path.cwd()), prompt=prompt)
     base = None
     if recipe is not None:
-        from rdbt_cli.metadata import recipe_settings
+        from rdbt_cli.metadata import check_recorded_inputs, recipe_settings
 
         base, recorded = recipe_settings(recipe)
+        check_recorded_inputs(settings.layer(base, flags), recorded)  # input files come from the recipe or flags
         load = replace(load, model=load.model or recorded["model"])
         if load.dtype == "auto" and recorded.get("weights_fp8"):
             load = replace(load, dtype="fp8")  # fp8 storage changes LoRA merges (requantised) and so the image

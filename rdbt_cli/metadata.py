@@ -48,12 +48,17 @@ from pathlib import Path
 from rdbt_cli import __version__
 from rdbt_cli.config import LoraSpec
 from rdbt_cli.errors import ConfigError, OutputError
-from rdbt_cli.settings import BY_NAME, DEFAULT_SHIFT, SETTINGS, GenParams, check_all
+from rdbt_cli.settings import BY_NAME, DEFAULT_SHIFT, SETTINGS, GenParams, check_all, hires_size
 
 SCHEMA = "rdbt.recipe/1"
 
-# Table rows by their A1111 label, and each label's values back to ComfyUI names.
-_A1111_ROWS = {s.a1111: s for s in SETTINGS if s.a1111}
+# Table rows by their A1111 label (two rows may share one, each applying to other recipes), and each label's values
+# back to ComfyUI names.
+_A1111_ROWS: dict[str, list] = {}
+for _s in SETTINGS:
+    if _s.a1111:
+        _A1111_ROWS.setdefault(_s.a1111, []).append(_s)
+_FILE_ROWS = [s for s in SETTINGS if s.type is Path]  # input files (init image, mask): recorded with hash and size
 _FROM_LABEL = {s.name: {v.lower(): k for k, v in s.a1111_names.items()} for s in SETTINGS if s.a1111_names}
 
 # Anima's official ComfyUI template (anima.md §5.6): the file names ComfyUI users have, used when the recipe has none.
@@ -82,13 +87,31 @@ def lora_record(path, weight: float, hashes: dict) -> dict:
 TINY_COMPONENT = {"name": "tiny", "file": "tiny", "hash": None}
 
 
+def input_record(path) -> dict:
+    """An input image as the recipe records it: where it was, its full sha256 and its size in pixels."""
+    import hashlib
+
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        with Image.open(path) as im:
+            width, height = im.size
+    except OSError as e:  # checked before anything loaded; gone since
+        raise ConfigError(f"{path}: cannot read the input image any more ({e.strerror or e})") from None
+    return {"path": str(path.resolve()), "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
+            "width": width, "height": height}
+
+
 def make_recipe(settings, *, seed: int, index: int, model: dict, text_encoder: dict | None, vae: dict | None,
                 loras: list[dict], preset: str | None, device: str, dtype: str, weights_fp8: bool, **extra) -> dict:
     """The recipe of one image: every recorded setting of the table (resolved `settings`), then what was loaded."""
     recipe = {"schema": SCHEMA, "rdbt_version": __version__}
     for s in SETTINGS:
         if s.recipe:
-            recipe[s.recipe] = getattr(settings, s.name)
+            value = getattr(settings, s.name)
+            recipe[s.recipe] = input_record(value) if s.type is Path and value else value
     recipe["negative"] = recipe.get("negative") or ""
     recipe["seed"] = seed
     recipe.update(model=model, text_encoder=text_encoder, vae=vae, loras=loras, preset=preset, device=device,
@@ -115,11 +138,38 @@ def _locate(component):
     return Path(name).stem if name and name != "tiny" else name
 
 
+def _recorded_value(setting, value):
+    if setting.type is Path and isinstance(value, dict):
+        return value.get("path") or value.get("file")  # an input file's record
+    return setting.coerce(value)
+
+
+def check_recorded_inputs(params, recorded: dict) -> None:
+    """Every input file a recipe names, where it is still used, must be there unchanged: else --from says so."""
+    import hashlib
+
+    for s in _FILE_ROWS:
+        record = recorded["inputs"].get(s.name)
+        path = getattr(params, s.name)
+        if not record or path != record.get("path"):
+            continue  # not recorded, or a flag gave another file
+        label = s.flag.lstrip("-").replace("-", " ")
+        try:
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            raise ConfigError(f"the recorded {label} {path} is missing; put it back or give another with "
+                              f"{s.flag} FILE") from None
+        if record.get("sha256") and digest != record["sha256"]:
+            raise ConfigError(f"the recorded {label} {path} has changed since the image was made (sha256 "
+                              f"{record['sha256'][:10]}, now {digest[:10]}); give it with {s.flag} {path} to use "
+                              "it as it is now")
+
+
 def recipe_settings(recipe: dict):
     """(GenParams, recorded files) from a recipe read back by read_png: every value checked by the rules the flags
-    obey, before anything loads. `recorded` holds the model, text_encoder and vae to look for, dtype and
-    weights_fp8."""
-    values = {s.name: s.coerce(recipe.get(s.recipe)) for s in SETTINGS if s.recipe}
+    obey, before anything loads. `recorded` holds the model, text_encoder and vae to look for, dtype, weights_fp8
+    and the input files' records (`inputs`, for check_recorded_inputs)."""
+    values = {s.name: _recorded_value(s, recipe.get(s.recipe)) for s in SETTINGS if s.recipe}
     loras = recipe.get("loras") or []
     if not isinstance(loras, list):
         raise ConfigError(f"recorded loras {loras!r} is not a list")
@@ -128,6 +178,7 @@ def recipe_settings(recipe: dict):
     recorded = {k: _locate(recipe.get(k)) for k in ("model", "text_encoder", "vae")}
     recorded["dtype"] = recipe.get("dtype")
     recorded["weights_fp8"] = bool(recipe.get("weights_fp8"))
+    recorded["inputs"] = {s.name: recipe[s.recipe] for s in _FILE_ROWS if isinstance(recipe.get(s.recipe), dict)}
     return params, recorded
 
 
@@ -179,7 +230,7 @@ def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
             prompt = (prompt.rstrip() + " " if prompt.strip() else "") + " ".join(tags)
 
     def row(setting) -> tuple[str, object]:
-        value = recipe.get(setting.recipe)
+        value = recipe.get(setting.recipe) if setting.applies_to(recipe) else None
         if value is not None and setting.a1111_omit is not None and value == setting.a1111_omit:
             value = None
         return setting.a1111, (setting.a1111_names or {}).get(value, value)
@@ -289,6 +340,7 @@ def parse_parameters_text(text: str) -> dict:
 
     fields = dict(params)
     extra = {}
+    shared: list[tuple[str, str]] = []
     schedule = fields.get("Schedule type")
     for key, value in params:
         if key == "Sampler":  # old A1111 labels carry the schedule too ("DPM++ 2M Karras")
@@ -296,10 +348,10 @@ def parse_parameters_text(text: str) -> dict:
             recipe["sampler"] = sampler
             if implied and not schedule:
                 recipe["scheduler"] = implied
+        elif key in _A1111_ROWS and len(_A1111_ROWS[key]) > 1:
+            shared.append((key, value))  # which row it belongs to depends on the other fields
         elif key in _A1111_ROWS:
-            setting = _A1111_ROWS[key]
-            names = _FROM_LABEL.get(setting.name)
-            recipe[setting.recipe] = names.get(value.lower(), value) if names else _typed(setting.type, value)
+            _read_row(recipe, _A1111_ROWS[key][0], value)
         elif key == "Size":
             m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", value)
             if m:
@@ -349,10 +401,18 @@ def parse_parameters_text(text: str) -> dict:
             recipe["text_encoder"] = {"name": name, "file": value, "hash": None}
         else:
             extra[key] = value
+    for key, value in shared:  # e.g. `Denoising strength`: img2img's denoise, or the hires pass's in a txt2img
+        rows = _A1111_ROWS[key]
+        _read_row(recipe, next((r for r in rows if r.applies_to(recipe)), rows[0]), value)
     recipe["loras"] = list(loras.values())
     if extra:
         recipe["extra"] = extra
     return recipe
+
+
+def _read_row(recipe: dict, setting, value: str) -> None:
+    names = _FROM_LABEL.get(setting.name)
+    recipe[setting.recipe] = names.get(value.lower(), value) if names else _typed(setting.type, value)
 
 
 def _sampler_from_label(label: str) -> tuple[str, str | None]:
@@ -391,6 +451,15 @@ _COMFY_NODES = {
     "ModelSamplingAuraFlow": ("ModelSamplingAuraFlow", [("MODEL", "MODEL")]),
     "CLIPTextEncode": ("CLIP Text Encode (Prompt)", [("CONDITIONING", "CONDITIONING")]),
     "EmptyLatentImage": ("Empty Latent Image", [("LATENT", "LATENT")]),
+    "LoadImage": ("Load Image", [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "LoadImageMask": ("Load Image (as Mask)", [("MASK", "MASK")]),
+    "ImageScale": ("Upscale Image", [("IMAGE", "IMAGE")]),
+    "ImageScaleBy": ("Upscale Image By", [("IMAGE", "IMAGE")]),
+    "VAEEncode": ("VAE Encode", [("LATENT", "LATENT")]),
+    "VAEEncodeForInpaint": ("VAE Encode (for Inpainting)", [("LATENT", "LATENT")]),
+    "SetLatentNoiseMask": ("Set Latent Noise Mask", [("LATENT", "LATENT")]),
+    "LatentUpscale": ("Upscale Latent", [("LATENT", "LATENT")]),
+    "LatentUpscaleBy": ("Upscale Latent By", [("LATENT", "LATENT")]),
     "KSampler": ("KSampler", [("LATENT", "LATENT")]),
     "VAEDecode": ("VAE Decode", [("IMAGE", "IMAGE")]),
     "SaveImage": ("Save Image", []),
@@ -408,7 +477,11 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
     """(API `prompt` graph, UI `workflow` graph) of the Anima ComfyUI workflow that makes this recipe's image.
 
     The official template (anima.md §5.6) plus one LoraLoaderModelOnly per LoRA and, when the shift is not 3, a
-    ModelSamplingAuraFlow node (multiplier 1, the semantics of rdbt's --shift; sampling.md §1.2).
+    ModelSamplingAuraFlow node (multiplier 1, the semantics of rdbt's --shift; sampling.md §1.2). An init image
+    starts from LoadImage (ImageScale lanczos when its size is not the size) -> VAEEncode, with a mask ->
+    SetLatentNoiseMask or VAEEncodeForInpaint; a hires pass adds LatentUpscaleBy nearest-exact (or VAEDecode ->
+    ImageScaleBy lanczos -> VAEEncode) and a second KSampler, or the By-less node where rdbt's multiple-of-16 size is
+    not what the factor alone gives.
     """
     nodes: list[dict] = []  # {"id", "class", "title", "widgets": [(name, value)], "links": [(name, src, slot, type)]}
 
@@ -435,16 +508,57 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
               title="CLIP Text Encode (Positive Prompt)", col=2)
     neg = add("CLIPTextEncode", [("text", recipe.get("negative") or "")], [("clip", clip, 0, "CLIP")],
               title="CLIP Text Encode (Negative Prompt)", col=2)
-    latent = add("EmptyLatentImage", [("width", int(recipe.get("width") or 1024)),
-                                      ("height", int(recipe.get("height") or 1024)), ("batch_size", 1)], col=2)
-    sampler = add("KSampler", [("seed", int(recipe.get("seed") or 0)), ("steps", int(recipe.get("steps") or 30)),
-                               ("cfg", float(recipe.get("cfg") if recipe.get("cfg") is not None else 4.0)),
-                               ("sampler_name", recipe.get("sampler") or "er_sde"),
-                               ("scheduler", recipe.get("scheduler") or "simple"), ("denoise", 1.0)],
-                  [("model", model, 0, "MODEL"), ("positive", pos, 0, "CONDITIONING"),
-                   ("negative", neg, 0, "CONDITIONING"), ("latent_image", latent, 0, "LATENT")], col=3)
-    decoded = add("VAEDecode", [], [("samples", sampler, 0, "LATENT"), ("vae", vae, 0, "VAE")], col=4)
-    add("SaveImage", [("filename_prefix", "rdbt")], [("images", decoded, 0, "IMAGE")], col=5)
+    width, height = int(recipe.get("width") or 1024), int(recipe.get("height") or 1024)
+    image = recipe.get("init_image") if isinstance(recipe.get("init_image"), dict) else None
+    mask = recipe.get("mask") if image and isinstance(recipe.get("mask"), dict) else None
+    if image is None:
+        latent = add("EmptyLatentImage", [("width", width), ("height", height), ("batch_size", 1)], col=2)
+    else:
+        pixels = add("LoadImage", [("image", _file_name(image, "input.png"))], col=2)
+        if (image.get("width"), image.get("height")) != (width, height):
+            pixels = add("ImageScale", [("upscale_method", "lanczos"), ("width", width), ("height", height),
+                                        ("crop", "disabled")], [("image", pixels, 0, "IMAGE")], col=3)
+        masks = [("mask", add("LoadImageMask", [("image", _file_name(mask, "mask.png")), ("channel", "red")],
+                              col=2), 0, "MASK")] if mask else []
+        encode = [("pixels", pixels, 0, "IMAGE"), ("vae", vae, 0, "VAE")]
+        if mask and recipe.get("inpaint") == "fill":
+            latent = add("VAEEncodeForInpaint", [("grow_mask_by", int(recipe.get("grow_mask") or 0))],
+                         encode + masks, col=3)
+        else:
+            latent = add("VAEEncode", [], encode, col=3)
+            if mask:
+                latent = add("SetLatentNoiseMask", [], [("samples", latent, 0, "LATENT")] + masks, col=3)
+    seed, steps = int(recipe.get("seed") or 0), int(recipe.get("steps") or 30)
+    cfg = float(recipe.get("cfg") if recipe.get("cfg") is not None else 4.0)
+    sampler_name, scheduler = recipe.get("sampler") or "er_sde", recipe.get("scheduler") or "simple"
+
+    def ksampler(latent, steps, sampler_name, scheduler, denoise, col):
+        return add("KSampler", [("seed", seed), ("steps", steps), ("cfg", cfg), ("sampler_name", sampler_name),
+                                ("scheduler", scheduler), ("denoise", float(denoise))],
+                   [("model", model, 0, "MODEL"), ("positive", pos, 0, "CONDITIONING"),
+                    ("negative", neg, 0, "CONDITIONING"), ("latent_image", latent, 0, "LATENT")], col=col)
+
+    sampled = ksampler(latent, steps, sampler_name, scheduler, recipe.get("denoise") or 1.0 if image else 1.0, 4)
+    scale = float(recipe.get("hires") or 0)
+    if scale:
+        w2, h2 = hires_size(width, height, scale)
+        if recipe.get("hires_upscaler") == "lanczos":
+            decoded = add("VAEDecode", [], [("samples", sampled, 0, "LATENT"), ("vae", vae, 0, "VAE")], col=5)
+            source, by, unit = ("image", decoded, 0, "IMAGE"), ("ImageScaleBy", "ImageScale"), 1
+        else:
+            source, by, unit = ("samples", sampled, 0, "LATENT"), ("LatentUpscaleBy", "LatentUpscale"), 8
+        method = "lanczos" if unit == 1 else "nearest-exact"
+        if (round(width // unit * scale) * unit, round(height // unit * scale) * unit) == (w2, h2):
+            up = add(by[0], [("upscale_method", method), ("scale_by", scale)], [source], col=5)
+        else:  # ComfyUI's own rounding of the factor would not give rdbt's multiple-of-16 size
+            up = add(by[1], [("upscale_method", method), ("width", w2), ("height", h2), ("crop", "disabled")],
+                     [source], col=5)
+        if unit == 1:
+            up = add("VAEEncode", [], [("pixels", up, 0, "IMAGE"), ("vae", vae, 0, "VAE")], col=5)
+        sampled = ksampler(up, int(recipe.get("hires_steps") or steps), recipe.get("hires_sampler") or sampler_name,
+                           recipe.get("hires_scheduler") or scheduler, recipe.get("hires_denoise") or 0.5, 6)
+    decoded = add("VAEDecode", [], [("samples", sampled, 0, "LATENT"), ("vae", vae, 0, "VAE")], col=7)
+    add("SaveImage", [("filename_prefix", "rdbt")], [("images", decoded, 0, "IMAGE")], col=8)
 
     api = {}
     for n in nodes:
@@ -465,6 +579,8 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
         widgets = [v for _, v in n["widgets"]]
         if n["class"] == "KSampler":
             widgets.insert(1, "fixed")  # the UI's control_after_generate widget sits right after the seed
+        elif n["class"] in ("LoadImage", "LoadImageMask"):
+            widgets.append("image")  # the UI's upload button is a widget too
         ui_nodes.append({
             "id": n["id"], "type": n["class"], "pos": [50 + 420 * n["col"], 50 + 260 * row], "size": [380, 200],
             "flags": {}, "order": order, "mode": 0,
@@ -842,6 +958,12 @@ def _fmt_component(c) -> str | None:
     return f"{label} [{c['hash']}]" if c.get("hash") else str(label)
 
 
+def _fmt_input(record: dict) -> str:
+    size = f"{record['width']}x{record['height']}, " if record.get("width") and record.get("height") else ""
+    digest = f"sha256 {record['sha256'][:10]}" if record.get("sha256") else "no hash"
+    return f"{record.get('path') or record.get('file')} ({size}{digest})"
+
+
 _SUMMARISED = {s.recipe for s in SETTINGS if s.recipe} | {
     "schema", "rdbt_version", "generator", "model", "text_encoder", "vae", "loras", "preset", "device", "dtype", "index",
     "extra",
@@ -862,14 +984,14 @@ def summarise(info: dict) -> str:
         if value is not None and value != "":
             rows.append((label, str(value)))
 
-    for setting in SETTINGS:  # every recorded setting, in the table's order; width and height as one size
+    for setting in SETTINGS:  # every recorded setting that applies, in the table's order; width and height as one
         key = setting.recipe
         if setting.name == "width":
             if r.get("width") and r.get("height"):
                 add("size", f"{r['width']}x{r['height']}")
-        elif key and setting.name != "height":
+        elif key and setting.name != "height" and setting.applies_to(r):
             value = r.get(key)
-            add(key, _num(value) if isinstance(value, float) else value)
+            add(key, _fmt_input(value) if isinstance(value, dict) else _num(value) if isinstance(value, float) else value)
     add("model", _fmt_component(r.get("model")))
     add("text encoder", _fmt_component(r.get("text_encoder")))
     add("vae", _fmt_component(r.get("vae")))

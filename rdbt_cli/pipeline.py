@@ -1,8 +1,10 @@
-"""The whole text-to-image data flow, and the only module that knows it.
+"""The whole data flow (text-to-image, img2img, inpainting, hires fix), and the only module that knows it.
 
 Models.load reads the three networks and the tokenizers once; encode() turns a prompt into the DiT's cross-attention
-context once per prompt; generate() samples and decodes one image per seed. Library code: never prints, reports
-through callbacks, raises RdbtError subclasses.
+context once per prompt; generate() samples and decodes one image per seed. Each step is one ComfyUI node or two:
+LoadImage -> ImageScale lanczos -> VAEEncode (SetLatentNoiseMask / VAEEncodeForInpaint) -> KSampler ->
+(LatentUpscaleBy, or VAEDecode -> ImageScaleBy -> VAEEncode) -> KSampler -> VAEDecode. Library code: never prints,
+reports through callbacks, raises RdbtError subclasses.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rdbt_cli import engine, sampling, text
+from rdbt_cli import engine, images, sampling, settings, text
 from rdbt_cli.config import DTYPES, ModelPaths
 from rdbt_cli.errors import ConfigError
 
@@ -166,10 +168,8 @@ def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> R
     uncond = None if math.isclose(gen.cfg, 1.0) else eng.encode(gen.negative or "")
     _sync(eng.device)
     t_text = time.perf_counter()
-    sigmas = sampling.get_sigmas(gen.scheduler, gen.steps, shift=gen.shift).to(eng.device)
-    shape = (1, 16, 1, gen.height // 8, gen.width // 8)
-    # Noise from a CPU generator: the same seed gives the same starting point on any device, as in ComfyUI.
-    x = sampling.prepare_latent(seed, torch.zeros(shape), sigmas).to(eng.device)
+    # The input latent (VAE space) and its noise mask at pixel resolution: an empty latent and none for txt2img.
+    z, noise_mask = encode_input(eng, gen) if gen.init_image else (empty_latent(gen.width, gen.height), None)
     denoiser = sampling.CFGDenoiser(eng.dit, cond, uncond, gen.cfg)
     first_step = {}
 
@@ -180,19 +180,104 @@ def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> R
         if callback is not None:
             callback(info)
 
-    x = sampling.sample(gen.sampler, denoiser, x, sigmas, seed=seed, callback=on_step, shift=gen.shift)
+    z = ksample(denoiser, z, noise_mask, device=eng.device, seed=seed, sampler=gen.sampler, scheduler=gen.scheduler,
+                steps=gen.steps, denoise=gen.denoise if gen.init_image else 1.0, shift=gen.shift, callback=on_step)
     _sync(eng.device)
     t_sample = time.perf_counter()
-    z = engine.latent_to_vae(x.float())
+    hires_s = {}
+    if gen.hires:
+        z, noise_mask = upscale(eng, z, noise_mask, settings.hires_size(gen.width, gen.height, gen.hires),
+                                gen.hires_upscaler)
+        z = ksample(denoiser, z, noise_mask, device=eng.device, seed=seed, sampler=gen.hires_sampler or gen.sampler,
+                    scheduler=gen.hires_scheduler or gen.scheduler, steps=gen.hires_steps or gen.steps,
+                    denoise=gen.hires_denoise, shift=gen.shift, callback=on_step)
+        _sync(eng.device)
+        hires_s["hires_s"] = time.perf_counter() - t_sample  # upscale and second pass
+        t_sample = time.perf_counter()
     img = eng.vae.decode(z, tiled=True if eng.low_vram else None)
     pixels = engine.to_uint8(img)[0]
     t_end = time.perf_counter()
     timings = {
         "text_s": t_text - t0,
         "first_step_s": first_step.get("t", t_sample) - t0,
-        "sample_s": t_sample - t_text,
+        "sample_s": t_sample - t_text - hires_s.get("hires_s", 0.0),
+        **hires_s,
         "decode_s": t_end - t_sample,
         "total_s": t_end - t0,
         "first_step_at": first_step.get("t", t_sample),  # perf_counter() when the first step finished
     }
     return Result(image=pixels, latent=z.cpu(), seed=seed, index=index, timings=timings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps of generate(), one ComfyUI node (or two) each. Latents are VAE space [1, 16, 1, h, w] float32, as ComfyUI's
+# LATENT; noise masks are pixel resolution [1, 1, H, W], 1 = repaint, as its LATENT's noise_mask.
+
+
+def empty_latent(width: int, height: int) -> torch.Tensor:
+    """EmptyLatentImage."""
+    return torch.zeros(1, 16, 1, height // engine.VAE_SCALE, width // engine.VAE_SCALE)
+
+
+def _pixels(eng: Models, array) -> torch.Tensor:
+    # uint8 [H, W, 3] -> [1, 3, H, W] float32 in [0, 1] on the VAE's device (LoadImage: uint8 / 255)
+    return (torch.from_numpy(array.copy()).float() / 255.0).permute(2, 0, 1).unsqueeze(0).to(eng.vae.device)
+
+
+def encode_input(eng: Models, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LoadImage -> ImageScale lanczos (when its size is not the size) -> VAEEncode, and with a mask LoadImageMask ->
+    SetLatentNoiseMask (blend) or VAEEncodeForInpaint (fill)."""
+    array = images.read_image(gen.init_image)
+    if array.shape[:2] != (gen.height, gen.width):
+        array = images.lanczos(array, gen.width, gen.height)
+    pixels = _pixels(eng, array)
+    if not gen.mask:
+        return eng.vae.encode(pixels), None
+    mask = torch.from_numpy(images.read_mask(gen.mask))[None, None]
+    if gen.inpaint == "blend":
+        return eng.vae.encode(pixels), mask  # SetLatentNoiseMask keeps the mask as loaded
+    # VAEEncodeForInpaint: the mask bilinear to the pixels, grown by a max filter over grow x grow pixels (an even
+    # size looks one pixel further up-left than down-right, as ComfyUI's conv2d padding does), and the pixels under
+    # the un-grown mask set to grey before encoding.
+    mask = torch.nn.functional.interpolate(mask, size=pixels.shape[-2:], mode="bilinear")
+    grown = mask
+    if gen.grow_mask:
+        g = gen.grow_mask
+        grown = torch.nn.functional.conv2d(mask.round(), torch.ones(1, 1, g, g), padding=math.ceil((g - 1) / 2))
+        grown = grown.clamp(0, 1)[..., : mask.shape[-2], : mask.shape[-1]]
+    keep = (1.0 - mask.round()).to(pixels.device)
+    return eng.vae.encode((pixels - 0.5) * keep + 0.5), grown.round()
+
+
+def ksample(denoiser, z: torch.Tensor, noise_mask, *, device: torch.device, seed: int, sampler: str, scheduler: str,
+            steps: int, denoise: float, shift: float, callback=None) -> torch.Tensor:
+    """KSampler on the VAE-space latent z: ComfyUI's sigmas for `denoise`, its noise on the (normalised) latent and,
+    with a noise mask, the input restored outside the mask at every step. Returns the VAE-space result."""
+    sigmas = sampling.get_sigmas(scheduler, steps, shift=shift, denoise=denoise).to(device)
+    if len(sigmas) == 0:
+        return z
+    # An empty latent stays zeros; any other is normalised into model space (ComfyUI CFGGuider.inner_sample).
+    latent = engine.vae_to_latent(z) if torch.count_nonzero(z) else z.float()
+    latent = latent.to(device)
+    # Noise from a CPU generator: the same seed gives the same starting point on any device, as in ComfyUI.
+    noise = sampling.initial_noise(seed, latent.shape).to(device)
+    model = denoiser
+    if noise_mask is not None:
+        model = sampling.MaskedDenoiser(denoiser, sampling.latent_mask(noise_mask, latent.shape).to(device), noise,
+                                        latent)
+    x = sampling.noise_scaling(sigmas[0], noise, latent)
+    x = sampling.sample(sampler, model, x, sigmas, seed=seed, callback=callback, shift=shift)
+    return engine.latent_to_vae(x.float())
+
+
+def upscale(eng: Models, z: torch.Tensor, noise_mask, size: tuple[int, int], upscaler: str):
+    """The hires upscale to size (W, H): LatentUpscaleBy nearest-exact on the latent, whose noise mask (if any) goes
+    along as in ComfyUI; or VAEDecode -> ImageScaleBy lanczos (8-bit, Pillow) -> VAEEncode, which has none."""
+    w, h = size
+    if upscaler == "latent":
+        up = torch.nn.functional.interpolate(z[:, :, 0], size=(h // engine.VAE_SCALE, w // engine.VAE_SCALE),
+                                             mode="nearest-exact")
+        return up.unsqueeze(2), noise_mask
+    decoded = eng.vae.decode(z, tiled=True if eng.low_vram else None)
+    array = images.lanczos(engine.to_uint8(decoded)[0], w, h)
+    return eng.vae.encode(_pixels(eng, array)), None

@@ -97,6 +97,7 @@ class Runner:
         self.models = pipeline.Models.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram,
                                            attention=load.attention)
         self._stack: Optional[list] = None
+        self._noted: set = set()
         self.made = 0
 
     def set_loras(self, loras: list) -> None:
@@ -111,6 +112,10 @@ class Runner:
         self._stack = list(loras)
 
     def run(self, job: Job, callback=None) -> Made:
+        for note in job.notes:  # once per Runner, not once per image of a --count
+            if note not in self._noted:
+                self._noted.add(note)
+                self.on_warning(note)
         self.set_loras(job.loras)
         result = pipeline.generate(self.models, job.settings, seed=job.seed, index=job.index, callback=callback)
         timings = {k: round(v, 4) for k, v in result.timings.items() if k != "first_step_at"}

@@ -895,3 +895,30 @@ class CFGDenoiser:
         d_uncond, d_cond = d[:b], d[b:]
         return d_uncond + (d_cond - d_uncond) * self.cfg
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inpainting
+
+
+def latent_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    """ComfyUI reshape_mask for a 5-D latent: a pixel mask [.., H, W] to the latent grid by trilinear interpolation
+    (no antialiasing: each cell takes the central 2x2 pixels of its 8x8 block), repeated over the channels."""
+    m = mask.float().reshape(1, 1, -1, *mask.shape[-2:])
+    m = torch.nn.functional.interpolate(m, size=tuple(shape[2:]), mode="trilinear")  # [1, 1, T, h, w]
+    return m.repeat(shape[0], shape[1], 1, 1, 1)
+
+
+class MaskedDenoiser:
+    """ComfyUI KSamplerX0Inpaint: where mask m < 1 the model sees, and the step keeps, the input latent.
+
+    At each call with sigma s: x_in = x*m + (s*noise + (1 - s)*latent)*(1 - m) with the run's initial noise, then
+    denoised*m + latent*(1 - m). mask [B, C, T, h, w] in [0, 1] (1 = repaint); latent in model space.
+    """
+
+    def __init__(self, model: Denoiser, mask: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor):
+        self.model, self.mask, self.noise, self.latent = model, mask, noise, latent
+        self.keep = 1.0 - mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x = x * self.mask + noise_scaling(sigma, self.noise, self.latent) * self.keep
+        return self.model(x, sigma) * self.mask + self.latent * self.keep

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields, make_dataclass
+from pathlib import Path, PurePath
 from typing import Callable, Optional
 
 from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoraSpec
@@ -95,6 +96,9 @@ def _real(low: float, high: float, low_text: str, inclusive: bool = True) -> Cal
 
 
 MAX_SIDE = 16384  # the VAE decodes tiles, but a side past this is a typo, not a picture (4 GB of latent activations)
+MAX_HIRES = 8.0  # ComfyUI's LatentUpscaleBy / ImageScaleBy limit
+HIRES_WARN_SCALE = 1.5  # Anima breaks above 1.5x in one hires pass (landscape.md §2.1, HF discussions/163, /165)
+HIRES_WARN_PIXELS = 2.5e6  # and degrades past about 2.5 MP (trained at 1024-1536)
 
 
 def _side(key, value):
@@ -110,6 +114,19 @@ def _side(key, value):
 def _text(key, value):
     if not isinstance(value, str):
         return f"{key} must be a string, not {value!r}"
+    return None
+
+
+def _file(key, value):
+    if not isinstance(value, str) or not value.strip():
+        return f"{key} must be a file path, not {value!r}"
+    return None
+
+
+def _hires_scale(key, value):
+    if not is_number(value) or not (value == 0 or 1 < value <= MAX_HIRES):
+        return (f"hires scale must be more than 1 and at most {MAX_HIRES:g} (e.g. 1.5; 0 turns the hires pass off), "
+                f"not {value!r}")
     return None
 
 
@@ -168,6 +185,13 @@ class Setting:
     a1111_names: Optional[dict] = None  # value -> A1111 label where they differ
     a1111_omit: object = None  # a value the A1111 line leaves out (as Forge leaves out default fields)
     a1111_extension: bool = False  # written after the model fields, as A1111 extensions are
+    # Whether the setting matters for a recipe (or vars(GenParams)): the A1111 text and `inspect` leave it out
+    # otherwise, and of two rows with one A1111 label the one that applies reads it back.
+    applies: Optional[Callable[[dict], bool]] = None
+    # A rule over the resolved settings, for values that depend on other settings (`--mask` needs `--init-image`).
+    requires: Optional[Callable[[object], Optional[str]]] = None
+    # A warning over the resolved settings: allowed, but the user should know (a hires pass past 1.5x).
+    advice: Optional[Callable[[object], Optional[str]]] = None
 
     @property
     def flag(self) -> str:
@@ -177,7 +201,12 @@ class Setting:
         """A value from TOML/JSON/text as this setting's type: whole numbers are valid floats; text is converted."""
         if self.type is float and is_int(value):
             return float(value)
+        if self.type is Path and isinstance(value, PurePath):
+            return str(value)  # paths are kept as text, so recipes and batch ids are plain JSON
         return value
+
+    def applies_to(self, values: dict) -> bool:
+        return self.applies is None or bool(self.applies(values))
 
     def from_text(self, text: str):
         """A flag's text value (batch lines, sweeps); raises ConfigError naming the flag."""
@@ -193,6 +222,71 @@ class Setting:
 
     def problem(self, value) -> Optional[str]:
         return self.check(self.name, value)
+
+
+# Rules and predicates of the img2img, inpainting and hires rows: over a recipe dict or GenParams' fields.
+INPAINT = ("blend", "fill")  # ComfyUI SetLatentNoiseMask / VAEEncodeForInpaint
+HIRES_UPSCALERS = ("latent", "lanczos")  # LatentUpscaleBy nearest-exact / VAEDecode -> ImageScaleBy -> VAEEncode
+
+
+def _has_image(v: dict) -> bool:
+    return bool(v.get("init_image"))
+
+
+def _masked(v: dict) -> bool:
+    return bool(v.get("mask"))
+
+
+def _hires_on(v: dict) -> bool:
+    return bool(v.get("hires"))
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The hires pass's size: each side times `scale`, rounded to a multiple of 16 (the DiT's 2x2 latent patches)."""
+    return tuple(max(16, int(math.floor(side * scale / 16 + 0.5)) * 16) for side in (width, height))
+
+
+def _mask_needs_image(p) -> Optional[str]:
+    if p.mask and not p.init_image:
+        return "--mask needs --init-image, the picture the mask belongs to"
+    return None
+
+
+def _denoise_needs_image(p) -> Optional[str]:
+    if p.denoise is not None and p.denoise < 1 and not p.init_image:
+        return (f"--denoise {p.denoise:g} needs --init-image, the picture to redraw (the hires pass has "
+                "--hires-denoise)")
+    return None
+
+
+def _fill_needs_full_denoise(p) -> Optional[str]:
+    if p.mask and p.inpaint == "fill" and p.denoise is not None and p.denoise < 1:
+        return (f"--inpaint fill repaints the mask from grey and needs --denoise 1, not {p.denoise:g}; "
+                "use --inpaint blend to keep part of the picture under the mask")
+    return None
+
+
+def _hires_fits(p) -> Optional[str]:
+    if p.hires and p.width and p.height:
+        w, h = hires_size(p.width, p.height, p.hires)
+        if max(w, h) > MAX_SIDE:
+            return (f"--hires {p.hires:g} makes {w}x{h}, more than {MAX_SIDE} pixels a side; lower --hires or the "
+                    "size")
+    return None
+
+
+def _hires_advice(p) -> Optional[str]:
+    if not p.hires or not p.width or not p.height:
+        return None
+    w, h = hires_size(p.width, p.height, p.hires)
+    notes = []
+    if p.hires > HIRES_WARN_SCALE:
+        notes.append(f"--hires {p.hires:g} is more than {HIRES_WARN_SCALE:g}x in one pass, where Anima's hires "
+                     "passes break up; upscale in two runs instead")
+    if w * h > HIRES_WARN_PIXELS:
+        notes.append(f"the hires result {w}x{h} ({w * h / 1e6:.1f} MP) is past {HIRES_WARN_PIXELS / 1e6:g} MP, "
+                     "where Anima degrades")
+    return "; ".join(notes) or None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -220,6 +314,44 @@ SETTINGS: tuple[Setting, ...] = (
             recipe="shift", a1111="Shift", a1111_omit=DEFAULT_SHIFT, a1111_extension=True),
     Setting("count", int, 1, "Images to make (per batch line), with seeds seed, seed+1, …",
             _whole(1, 100_000), ("--count",)),
+    Setting("init_image", Path, None, "Image to start from (img2img), scaled to the size with Lanczos; the size "
+            "defaults to the image's own, rounded to a multiple of 16.", _file, ("--init-image",),
+            recipe="init_image"),
+    Setting("mask", Path, None, "Inpainting mask for --init-image: white is repainted, black kept, grey blends.",
+            _file, ("--mask",), recipe="mask", requires=_mask_needs_image),
+    Setting("denoise", float, 1.0, "How much of --init-image is redrawn: 1 all of it, 0.3 a light touch.",
+            _real(0.0, 1.0, "more than 0 (1 redraws everything)", inclusive=False), ("--denoise",),
+            recipe="denoise", a1111="Denoising strength", a1111_extension=True, applies=_has_image,
+            requires=_denoise_needs_image),
+    Setting("inpaint", str, "blend", "How --mask repaints: blend (the kept part is restored after every step; any "
+            "--denoise) or fill (the masked part starts from grey; --denoise 1).", _choice("inpaint method", INPAINT),
+            ("--inpaint",), preset="inpaint", recipe="inpaint", a1111="Inpaint method", a1111_extension=True,
+            applies=_masked, requires=_fill_needs_full_denoise),
+    Setting("grow_mask", int, 6, "Pixels --inpaint fill grows the mask by, for a seamless edge.", _whole(0, 64),
+            ("--grow-mask",), preset="grow_mask", recipe="grow_mask", a1111="Mask grow", a1111_extension=True,
+            applies=lambda v: _masked(v) and v.get("inpaint") == "fill"),
+    Setting("hires", float, 0.0, "Hires fix: upscale by this factor (1.5 at most is advised) and sample again; 0 is "
+            "off.", _hires_scale, ("--hires",), preset="hires", recipe="hires", a1111="Hires upscale",
+            a1111_extension=True, applies=_hires_on, requires=_hires_fits, advice=_hires_advice),
+    Setting("hires_denoise", float, 0.5, "Denoise of the hires pass.",
+            _real(0.0, 1.0, "more than 0 (1 redraws everything)", inclusive=False), ("--hires-denoise",),
+            preset="hires_denoise", recipe="hires_denoise", a1111="Denoising strength", a1111_extension=True,
+            applies=lambda v: _hires_on(v) and not _has_image(v)),  # A1111's label for it when there is no img2img
+    Setting("hires_steps", int, None, "Steps of the hires pass (default: --steps).",
+            _whole(1, 10_000, " (a flow model settles long before)"), ("--hires-steps",), preset="hires_steps",
+            recipe="hires_steps", a1111="Hires steps", a1111_extension=True, applies=_hires_on),
+    Setting("hires_sampler", str, None, "Sampler of the hires pass (default: --sampler).",
+            _choice("sampler", SAMPLER_NAMES), ("--hires-sampler",), preset="hires_sampler", recipe="hires_sampler",
+            a1111="Hires sampler", a1111_names=A1111_SAMPLERS, a1111_extension=True, applies=_hires_on),
+    Setting("hires_scheduler", str, None, "Scheduler of the hires pass (default: --scheduler).",
+            _choice("scheduler", SCHEDULER_NAMES), ("--hires-scheduler",), preset="hires_scheduler",
+            recipe="hires_scheduler", a1111="Hires schedule type", a1111_names=A1111_SCHEDULERS,
+            a1111_extension=True, applies=_hires_on),
+    Setting("hires_upscaler", str, "latent", "latent (ComfyUI LatentUpscaleBy, nearest-exact) or lanczos (decode, "
+            "Lanczos, encode again).", _choice("hires upscaler", HIRES_UPSCALERS), ("--hires-upscaler",),
+            preset="hires_upscaler", recipe="hires_upscaler", a1111="Hires upscaler",
+            a1111_names={"latent": "Latent (nearest-exact)", "lanczos": "Lanczos"}, a1111_extension=True,
+            applies=_hires_on),
     Setting("loras", list, [], "NAME[:WEIGHT], repeatable; on top of the persistent stack.", _loras, ("--lora",),
             preset="lora"),
 )
@@ -252,6 +384,19 @@ def check_all(params, where: Callable[[Setting], str]) -> None:
             problem = s.problem(value)
             if problem:
                 raise ConfigError(f"{where(s)}: {problem}")
+
+
+def check_together(params) -> None:
+    """The rules that involve several settings, over fully resolved `params`; the first problem raises."""
+    for s in SETTINGS:
+        problem = s.requires(params) if s.requires is not None else None
+        if problem:
+            raise ConfigError(problem)
+
+
+def advice(params) -> list[str]:
+    """Warnings for fully resolved `params`: allowed, but worth knowing."""
+    return [note for s in SETTINGS if s.advice is not None and (note := s.advice(params))]
 
 
 def from_flags(values: dict, size: Optional[str] = None):

@@ -23,16 +23,17 @@ ALLOWED = {
     "presets": {"config", "errors", "settings"},
     "metadata": {"config", "errors", "settings"},
     "engine": {"config", "discovery", "errors"},
-    "pipeline": {"config", "engine", "errors", "sampling", "text", "lora"},
+    "images": {"errors"},
+    "pipeline": {"config", "engine", "errors", "images", "sampling", "settings", "text", "lora"},
     "tiny": {"config", "engine", "text"},
-    "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny"},
+    "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images"},
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
     "batch": {"config", "errors", "settings", "jobs", "metadata", "runner"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
-    "cli",
+    "cli", "images",
 ]
 
 

@@ -132,8 +132,9 @@ def test_parse_foreign_a1111_text():
         {"name": "detail-tweaker", "file": "detail-tweaker", "weight": 0.6, "hash": None, "a1111_hash": "111122223333"},
         {"name": "extra", "file": "extra", "weight": 1.0, "hash": "4444555566", "a1111_hash": None},
     ]
-    assert r["extra"] == {
-        "Denoising strength": "0.4", "Hires upscaler": "R-ESRGAN 4x+, anime", "TI hashes": "easyneg: abc"}
+    # Without `Hires upscale` the denoising strength is img2img's; an upscaler rdbt lacks is kept as written.
+    assert (r["denoise"], r["hires_upscaler"]) == (0.4, "R-ESRGAN 4x+, anime") and "hires_denoise" not in r
+    assert r["extra"] == {"TI hashes": "easyneg: abc"}
     assert r["generator"] == "v1.10.1"
 
 
