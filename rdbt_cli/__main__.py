@@ -1,3 +1,3 @@
 from rdbt_cli.cli import app
 
-app()
+app(prog_name="rdbt")  # `python -m rdbt_cli` (and torchrun -m rdbt_cli) is the rdbt command: its usage, its completion

@@ -86,6 +86,9 @@ def _apply_flag(flag: str, value: str, line: BatchLine) -> None:
         return
     setting = _LINE_SETTINGS[flag]
     converted = setting.from_text(value)
+    if setting.means_unset(converted):  # --seed -1: as if not given, so the line keeps its fixed seed
+        setattr(over, setting.name, None)
+        return
     problem = setting.problem(converted)
     if problem:
         raise ConfigError(f"{flag}: {problem}")

@@ -118,7 +118,7 @@ def run(
     seed: int = 0,
 ) -> dict:
     """Build or load the DiT (and VAE), sample `steps` steps, decode; return the measured figures."""
-    from rdbt_cli.pipeline import load_dit_for, resolve_device, resolve_dtype, vae_dtype
+    from rdbt_cli.pipeline import compile_blocks, load_dit_for, resolve_device, resolve_dtype, vae_dtype
 
     dev = resolve_device(device)
     dt, _ = resolve_dtype(dtype, dev)
@@ -161,8 +161,7 @@ def run(
     host_after_load = host_peak_bytes()
     params = dit.params
     if compile:
-        for i, block in enumerate(dit.blocks):
-            dit.blocks[i] = torch.compile(block)
+        compile_blocks(dit)
 
     g = torch.Generator().manual_seed(seed)
     ctx_dim = params.context_dim

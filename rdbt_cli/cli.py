@@ -18,13 +18,25 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from rdbt_cli import __version__, console, settings
+from rdbt_cli import __version__, completion, console, settings
 from rdbt_cli.console import Progress
 from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.errors import ConfigError, RdbtError
 
+class _Commands(TyperGroup):
+    """`--debug` works after the subcommand too (`rdbt gen ... --debug`): it is moved in front of it."""
+
+    def parse_args(self, ctx, args):
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="rdbt",
     help="Anima text-to-image from the shell: one command per image, batches, LoRA stacks, presets, and every image "
     "carrying its own recipe.\n\nExample: rdbt gen \"1girl, silver hair, night sky\" --preset rdbt --seed 42",
@@ -70,6 +82,11 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _flag(*decls: str, **kw):
+    """A boolean option; its help shows no value."""
+    return typer.Option(*decls, metavar="", **kw)
+
+
 def _print_version(value: bool):
     if value:
         typer.echo(f"rdbt {__version__}")
@@ -78,7 +95,7 @@ def _print_version(value: bool):
 
 @app.callback()
 def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    debug: Annotated[bool, _flag("--debug", help="Show full tracebacks (also after the command).")] = False,
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
     ] = None,
@@ -101,6 +118,7 @@ _LOAD_OPTIONS = (
     ("qwen_tokenizer", Optional[str], None, "Qwen tokenizer.json (or its folder)."),
     ("t5_tokenizer", Optional[str], None, "T5 tokenizer.json (or its folder)."),
     ("models_dir", Optional[str], None, "Models folder in ComfyUI layout (also $RDBT_MODELS)."),
+    ("compile", bool, False, "torch.compile the DiT blocks: faster steps on a GPU after a slow first one."),
     ("device", Device, Device.auto, "auto, cpu or cuda (under torchrun: each rank's local GPU)."),
     ("dtype", DType, DType.auto, "auto, fp32, bf16, fp16 or fp8 (weights)."),
     ("low_vram", bool, False, "For small GPUs: text encoder on the CPU, DiT blocks streamed from host memory, tiled "
@@ -109,17 +127,38 @@ _LOAD_OPTIONS = (
 )
 
 
+# What --help shows as an option's value, instead of Python types.
+_METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]"}
+_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR"}
+_COMPLETE = {"model": completion.models}
+
+
+def _with_default(s: settings.Setting) -> str:
+    """The row's help with the table's default (which a preset, or the tiny model's size and steps, replaces)."""
+    if s.default in (None, "", [], 0.0) or isinstance(s.default, bool):
+        return s.help
+    shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default)
+    return f"{s.help} [dim]\\[default: {shown}][/dim]"
+
+
 def _setting_param(s: settings.Setting) -> pyinspect.Parameter:
     kind = list[str] if s.type is list else s.type
-    option = typer.Option(*s.flags, help=s.help, rich_help_panel=settings.GEN_PANEL)
+    names = getattr(s.check, "names", None)
+    complete = completion.choices(names) if names else completion.loras if s.type is list else None
+    option = typer.Option(*s.flags, help=_with_default(s), rich_help_panel=settings.GEN_PANEL,
+                          metavar="NAME" if names else _METAVARS.get(s.type), autocompletion=complete)
     return pyinspect.Parameter(s.name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                annotation=Annotated[Optional[kind], option])
 
 
 def _option_param(name: str, kind, default, help: str, panel: str) -> pyinspect.Parameter:
-    decls = (f"--{name.replace('_', '-')}",) if kind is bool else ()
+    if kind is bool:
+        option = _flag(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel)
+    else:
+        option = typer.Option(help=help, rich_help_panel=panel, autocompletion=_COMPLETE.get(name),
+                              metavar=_LOAD_METAVARS.get(name, "FILE" if kind == Optional[str] else None))
     return pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                               annotation=Annotated[kind, typer.Option(*decls, help=help, rich_help_panel=panel)])
+                               annotation=Annotated[kind, option])
 
 
 def generating(command):
@@ -128,7 +167,8 @@ def generating(command):
     own = list(pyinspect.signature(command, eval_str=True).parameters.values())
     at = [p.name for p in own].index("flags")
     added = [_setting_param(s) for s in settings.SETTINGS if s.flags]
-    added.append(_option_param("size", Optional[str], None, settings.SIZE_HELP, settings.GEN_PANEL))
+    size_help = f"{settings.SIZE_HELP} [dim]\\[default: {settings.DEFAULTS.width}x{settings.DEFAULTS.height}][/dim]"
+    added.append(_option_param("size", Optional[str], None, size_help, settings.GEN_PANEL))
     added += [_option_param(*spec, LOAD) for spec in _LOAD_OPTIONS]
     rest = [p for p in own[at + 1:] if p.name != "load"]
 
@@ -144,11 +184,11 @@ def generating(command):
     return wrapper
 
 
-PresetOpt = Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=settings.GEN_PANEL)]
-NoStackOpt = Annotated[bool, typer.Option("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=settings.GEN_PANEL)]
-AllowUnmatchedOpt = Annotated[bool, typer.Option("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=settings.GEN_PANEL)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=settings.GEN_PANEL, metavar="NAME|PATH", autocompletion=completion.presets)]
+NoStackOpt = Annotated[bool, _flag("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=settings.GEN_PANEL)]
+AllowUnmatchedOpt = Annotated[bool, _flag("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=settings.GEN_PANEL)]
+JsonOpt = Annotated[bool, _flag("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
+QuietOpt = Annotated[bool, _flag("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
 
 
 def _warn(message: str) -> None:
@@ -168,16 +208,16 @@ def _note(message: str) -> None:
 @friendly_errors
 @generating
 def gen(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, in ComfyUI weight syntax: (word:1.2); - reads stdin.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, in ComfyUI weight syntax: (word:1.2); - reads stdin.", metavar="PROMPT")] = None,
     flags: settings.GenParams = None,
     preset: PresetOpt = None,
     no_stack: NoStackOpt = False,
     allow_unmatched: AllowUnmatchedOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-generate from the recipe recorded in a PNG (flags override).", rich_help_panel=settings.GEN_PANEL)] = None,
     load: LoadParams = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT, metavar="PATH")] = None,
     as_json: JsonOpt = False,
-    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
+    no_metadata: Annotated[bool, _flag("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
     quiet: QuietOpt = False,
 ):
     """Generate images from a prompt."""
@@ -210,13 +250,13 @@ def gen(
 @friendly_errors
 @generating
 def batch(
-    file: Annotated[str, typer.Argument(help="Prompt file: one prompt per line, optional ` --flag value` overrides; - for stdin.")],
+    file: Annotated[str, typer.Argument(help="Prompt file: one prompt per line, optional ` --flag value` overrides; - for stdin.", metavar="FILE")],
     flags: settings.GenParams = None,
     preset: PresetOpt = None,
     no_stack: NoStackOpt = False,
     allow_unmatched: AllowUnmatchedOpt = False,
     load: LoadParams = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT, metavar="DIR")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -270,7 +310,7 @@ def batch(
 @friendly_errors
 def inspect(
     images: Annotated[list[Path], typer.Argument(help="PNG files to read.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the recipe(s) as JSON.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="Print the recipe(s) as JSON.")] = False,
 ):
     """Show the recipe recorded in images (rdbt first, then A1111/Forge, then ComfyUI metadata)."""
     from rdbt_cli import metadata
@@ -299,8 +339,8 @@ def inspect(
 @friendly_errors
 def models(
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).")] = None,
-    hash_files: Annotated[bool, typer.Option("--hash", help="Hash files not hashed before (slow once per file).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    hash_files: Annotated[bool, _flag("--hash", help="Hash files not hashed before (slow once per file).")] = False,
+    as_json: Annotated[bool, _flag("--json", help="JSON output.")] = False,
 ):
     """List the model files rdbt finds, with component type, size and short hash (AutoV2, as Civitai shows)."""
     from rdbt_cli import discovery
@@ -328,7 +368,7 @@ def models(
 @friendly_errors
 def presets(
     name: Annotated[Optional[str], typer.Argument(help="Show this preset in full.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="JSON output.")] = False,
 ):
     """List the presets (built in and in your config folder), or show one."""
     from rdbt_cli import presets as presets_mod
@@ -372,9 +412,9 @@ def lora_stack_cmd(
     add: Annotated[Optional[list[str]], typer.Option("--add", help="NAME[:WEIGHT] to add (e.g. turbo:0.3).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="NAME:WEIGHT to change a weight.")] = None,
     remove: Annotated[Optional[list[str]], typer.Option("--remove", help="NAME to remove.")] = None,
-    clear: Annotated[bool, typer.Option("--clear", help="Remove every LoRA from the stack.")] = False,
-    list_: Annotated[bool, typer.Option("--list", help="Show the stack (the default).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    clear: Annotated[bool, _flag("--clear", help="Remove every LoRA from the stack.")] = False,
+    list_: Annotated[bool, _flag("--list", help="Show the stack (the default).")] = False,
+    as_json: Annotated[bool, _flag("--json", help="JSON output.")] = False,
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder whose loras/ names resolve.")] = None,
 ):
     """Show or edit the persistent LoRA stack that gen and batch apply."""
@@ -419,11 +459,11 @@ def bench(
     cfg: Annotated[float, typer.Option(help="CFG scale (1: one forward per step).")] = 1.0,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.")] = DType.auto,
-    decode: Annotated[bool, typer.Option(help="Include the VAE decode.")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
-    low_vram: Annotated[bool, typer.Option("--low-vram", help="Streamed DiT blocks (GPU) and tiled VAE decode, as gen --low-vram.")] = False,
+    decode: Annotated[bool, _flag(help="Include the VAE decode.")] = True,
+    compile: Annotated[bool, _flag("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
+    low_vram: Annotated[bool, _flag("--low-vram", help="Streamed DiT blocks (GPU) and tiled VAE decode, as gen --low-vram.")] = False,
     attention: Annotated[Attention, typer.Option(help="Attention kernel: sdpa or xformers.")] = Attention.sdpa,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="One JSON object on stdout.")] = False,
 ):
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
     from rdbt_cli import bench as bench_mod

@@ -129,6 +129,7 @@ class LoadParams:
     dtype: str = "auto"
     low_vram: bool = False
     attention: str = "sdpa"
+    compile: bool = False  # torch.compile the DiT blocks
 
 
 @dataclass(frozen=True)

@@ -724,6 +724,20 @@ def _candidates(kind: str, dirs: Sequence[Path]) -> tuple[list[Path], list[Path]
     return files, looked
 
 
+def _named(files: Sequence[Path], looked: Sequence[Path]) -> list[tuple[Path, str]]:
+    """Each file with its name inside the kind folder it was found in, without the suffix (`styles/ink`)."""
+    out = []
+    for f in files:
+        base = next((d for d in looked if f.is_relative_to(d)), f.parent)
+        out.append((f, f.relative_to(base).with_suffix("").as_posix()))
+    return out
+
+
+def kind_files(kind: str, dirs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """The files that can serve as `kind` under the models folders `dirs`, each with the name it answers to."""
+    return _named(*_candidates(kind, [Path(d) for d in dirs]))
+
+
 def _resolve_name(kind: str, name: str, dirs: Sequence[Path]) -> Path:
     label = KIND_LABELS[kind]
     want = name.lower().replace("\\", "/")
@@ -732,11 +746,7 @@ def _resolve_name(kind: str, name: str, dirs: Sequence[Path]) -> Path:
             want = want[: -len(suffix)]
             break
     files, looked = _candidates(kind, dirs)
-    names: list[tuple[Path, set[str]]] = []
-    for f in files:
-        base = next((d for d in looked if f.is_relative_to(d)), f.parent)
-        rel = f.relative_to(base).with_suffix("").as_posix().lower()
-        names.append((f, {f.stem.lower(), rel}))
+    names = [(f, {f.stem.lower(), rel.lower()}) for f, rel in _named(files, looked)]
     exact = [f for f, keys in names if want in keys]
     if exact:
         return exact[0]

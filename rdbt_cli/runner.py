@@ -95,7 +95,7 @@ class Runner:
         if not self.tiny:
             self.hashes.start(paths.dit, paths.text_encoder, paths.vae)
         self.models = pipeline.Models.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram,
-                                           attention=load.attention)
+                                           attention=load.attention, compile=load.compile)
         self._stack: Optional[list] = None
         self._noted: set = set()
         self.made = 0

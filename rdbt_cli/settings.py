@@ -25,6 +25,7 @@ from rdbt_cli.errors import ConfigError
 GEN_PANEL = "Generation"
 
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range
+RANDOM_SEED = -1  # A1111's "random": the same as giving no seed
 DEFAULT_SHIFT = 3.0
 
 # A1111/Forge labels for the ComfyUI sampler and scheduler names they share (formats.md §4.1). Names without an A1111
@@ -60,6 +61,7 @@ def _choice(what: str, names: tuple[str, ...]) -> Callable[[str, object], Option
             return f"unknown {what} {value!r}; valid {what}s: {', '.join(names)}"
         return None
 
+    check.names = names  # for shell completion and help
     return check
 
 
@@ -78,7 +80,7 @@ def _whole(low: int, high: int, why: str = "") -> Callable[[str, object], Option
 
 def _seed(key, value):
     if not is_int(value) or not 0 <= value <= MAX_SEED:
-        return f"seed must be a whole number from 0 to {MAX_SEED}, not {value!r}"
+        return f"seed must be a whole number from 0 to {MAX_SEED} (or -1 for a random one), not {value!r}"
     return None
 
 
@@ -185,6 +187,7 @@ class Setting:
     a1111_names: Optional[dict] = None  # value -> A1111 label where they differ
     a1111_omit: object = None  # a value the A1111 line leaves out (as Forge leaves out default fields)
     a1111_extension: bool = False  # written after the model fields, as A1111 extensions are
+    unset: object = None  # a flag value that means "not given" (--seed -1: random, as in A1111)
     # Whether the setting matters for a recipe (or vars(GenParams)): the A1111 text and `inspect` leave it out
     # otherwise, and of two rows with one A1111 label the one that applies reads it back.
     applies: Optional[Callable[[dict], bool]] = None
@@ -222,6 +225,9 @@ class Setting:
 
     def problem(self, value) -> Optional[str]:
         return self.check(self.name, value)
+
+    def means_unset(self, value) -> bool:
+        return self.unset is not None and is_int(value) and value == self.unset
 
 
 # Rules and predicates of the img2img, inpainting and hires rows: over a recipe dict or GenParams' fields.
@@ -304,12 +310,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cfg", float, 4.0, "CFG scale; 1 skips the negative prompt (twice as fast).",
             _real(0.0, 100.0, "0 or more (1 turns guidance off)"), ("--cfg",), preset="cfg", recipe="cfg",
             a1111="CFG scale"),
-    Setting("seed", int, None, "Seed (random if absent, a fixed one per batch line; always recorded).", _seed,
-            ("--seed",), recipe="seed", a1111="Seed"),
+    Setting("seed", int, None, "Seed; -1 or none: random (a fixed one per batch line); always recorded.", _seed,
+            ("--seed",), recipe="seed", a1111="Seed", unset=RANDOM_SEED),
     Setting("width", int, 1024, "Width (multiple of 16).", _side, ("--width",), preset="width", recipe="width"),
     Setting("height", int, 1024, "Height (multiple of 16).", _side, ("--height",), preset="height",
             recipe="height"),
-    Setting("shift", float, DEFAULT_SHIFT, "Flow shift (ModelSamplingAuraFlow), default 3.",
+    Setting("shift", float, DEFAULT_SHIFT, "Flow shift (ModelSamplingAuraFlow).",
             _real(0.0, 100.0, "greater than 0 (Anima uses 3)", inclusive=False), ("--shift",), preset="shift",
             recipe="shift", a1111="Shift", a1111_omit=DEFAULT_SHIFT, a1111_extension=True),
     Setting("count", int, 1, "Images to make (per batch line), with seeds seed, seed+1, …",
@@ -401,7 +407,7 @@ def advice(params) -> list[str]:
 
 def from_flags(values: dict, size: Optional[str] = None):
     """GenParams from option values by setting name (None = not given), each checked as its flag."""
-    given = {k: v for k, v in values.items() if v is not None}
+    given = {k: v for k, v in values.items() if v is not None and not BY_NAME[k].means_unset(v)}
     if "loras" in given:
         given["loras"] = [parse_lora_arg(t) if isinstance(t, str) else t for t in given["loras"]]
     if size is not None:

@@ -57,7 +57,7 @@ def test_parse_batch_lines_comments_and_overrides():
         ('a -n "open', "quote"),
         ("--steps 3", "no prompt"),
         ("a --lora :0.5", "name"),
-        ("a --seed -1", "seed"),
+        ("a --seed -2", "seed"),
         ("a stray --steps 3 extra", "'extra'"),
     ],
 )

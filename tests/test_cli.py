@@ -1,6 +1,7 @@
 """The CLI as a user drives it: the tiny model end to end, metadata, --from, errors, batch resume, the entry point."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,63 @@ def test_inspect_errors(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     r = run("--debug", "gen", "x", "--sampler", "nope", "--model", "tiny", "--out", tmp_path)
     assert r.exit_code != 0 and r.exception is not None
+
+
+def test_debug_after_the_command_and_help_with_defaults_and_readable_values(tmp_path):
+    r = run("gen", "x", "--sampler", "nope", "--model", "tiny", "--out", tmp_path, "--debug")
+    assert r.exit_code != 0 and r.exception is not None and "nope" in str(r.exception)
+    out = CliRunner().invoke(app, ["gen", "--help"], env={"COLUMNS": "200"}).output
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ --")}
+    for flag, shown in (("--steps", "30"), ("--cfg", "4"), ("--sampler", "er_sde"), ("--scheduler", "simple"),
+                        ("--size", "1024x1024"), ("--count", "1")):
+        assert f"[default: {shown}]" in rows[flag], rows[flag]
+    assert "NAME[:WEIGHT]" in rows["--lora"] and " NAME " in rows["--sampler"] and " N " in rows["--steps"]
+    assert "<list" not in out and "<bool>" not in "".join(v for k, v in rows.items() if k != "--help")
+    assert "--compile" in rows and "--compile" in CliRunner().invoke(app, ["batch", "--help"]).output
+
+
+def test_seed_minus_one_means_random(tmp_path):
+    from rdbt_cli import LoadParams, plan
+    from rdbt_cli.batch import parse_batch
+
+    seeds = {plan("x", LoadParams(model="tiny"), seed=-1)[0][0].seed for _ in range(3)}
+    assert len(seeds) == 3 and all(0 <= seed < 2**64 for seed in seeds)
+    r = run("gen", "x", "--seed", "-1", "--out", tmp_path, "--json", *TINY)
+    assert r.exit_code == 0 and json.loads(r.output)["seed"] >= 0, r.output
+    (line,) = parse_batch("a prompt --seed -1\n")
+    assert line.error is None and line.overrides.seed is None  # the line keeps the seed its content gives it
+
+
+def test_shell_completion_of_names(tmp_path, spawn):
+    from rdbt_cli import completion
+
+    models = tmp_path / "models"
+    (models / "loras" / "sub").mkdir(parents=True)
+    for name in ("loras/style_a", "loras/sub/inky", "loras/other"):
+        (models / f"{name}.safetensors").write_bytes(b"")
+    assert completion.presets("kir") == ["kirazuri", "kirazuri-fast"]
+    assert completion.choices(("euler", "euler_ancestral", "er_sde"))("eu") == ["euler", "euler_ancestral"]
+    assert completion.models(None, "ti") == ["tiny"]
+
+    def complete(*words):  # what bash asks the installed command for on Tab
+        env = {**os.environ, "_RDBT_COMPLETE": "complete_bash", "COMP_WORDS": " ".join(["rdbt", *words]),
+               "COMP_CWORD": str(len(words))}
+        return spawn.run([sys.executable, "-m", "rdbt_cli"], env=env, timeout=120).stdout.split()
+
+    assert complete("gen", "--sampler", "dpm") == ["dpmpp_2m", "dpmpp_2m_sde"]
+    assert complete("batch", "--scheduler", "k") == ["karras"]
+    assert complete("gen", "--preset", "rdbt") == ["rdbt", "rdbt-cfg"]
+    assert complete("gen", "--models-dir", str(models), "--lora", "s") == ["style_a", "sub/inky"]
+
+
+def test_compile_compiles_each_dit_block_of_gen(tmp_path, monkeypatch):
+    import torch
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    r = run("gen", "x", "--compile", "--out", tmp_path, *TINY)
+    assert r.exit_code == 0, r.output
+    assert len(compiled) == 2 and all(type(m).__name__ == "DiTBlock" for m in compiled)  # the tiny DiT has two blocks
 
 
 def test_presets_and_samplers_and_models(tmp_path):

@@ -30,10 +30,11 @@ ALLOWED = {
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
     "batch": {"config", "errors", "settings", "jobs", "metadata", "runner"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
+    "completion": {"errors", "discovery", "presets"},
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
-    "cli", "images",
+    "cli", "images", "completion",
 ]
 
 
