@@ -68,7 +68,7 @@ def test_hires_after_img2img_and_inpainting(tmp_path):
 
 def test_presets_set_hires_and_flags_and_batch_lines_override(tmp_path):
     preset = tmp_path / "big.toml"
-    preset.write_text('# test\nhires = 1.5\nhires_denoise = 0.3\nhires_upscaler = "lanczos"\nsize = "32x32"\n')
+    preset.write_text('# test\nhires = 1.5\nhires_denoise = 0.3\nhires_upscaler = "lanczos"\n')
     jobs, _, _ = plan("x", LoadParams(model="tiny"), preset=str(preset))
     g = jobs[0].settings
     assert (g.hires, g.hires_denoise, g.hires_upscaler) == (1.5, 0.3, "lanczos")
@@ -78,7 +78,7 @@ def test_presets_set_hires_and_flags_and_batch_lines_override(tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("a cat --hires 2 --hires-steps 1\na dog --hires 0\n", encoding="utf-8")
     r = run("batch", lines, "--preset", preset, "--out", tmp_path / "out", "--model", "tiny", "--steps", "2",
-            "--quiet")
+            "--size", "32x32", "--quiet")
     assert r.exit_code == 0, r.output
     sizes = {p.name[:5]: Image.open(p).size for p in (tmp_path / "out").glob("*.png")}
     assert sizes == {"L0001": (64, 64), "L0002": (32, 32)}
