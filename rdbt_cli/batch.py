@@ -373,7 +373,7 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
     paths = planner.paths(model)
     loaded = planner.identity(model)
     load = replace(planner.load, model=model)
-    runner = Runner(load, paths, allow_unmatched=allow_unmatched,
+    runner = Runner(load, paths, allow_unmatched=allow_unmatched, callback=callback,
                     on_warning=lambda w: on_warning and on_warning(f"line {current.lineno}: {w}"))
     with Manifest(out_dir, bp.id, rank) as manifest:
         for current in bp.jobs:
@@ -396,6 +396,8 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
                 if on_image:
                     on_image(f"line {ln} #{current.index + 1} seed {seed}", job.steps)
                 made = runner.run(job, callback)
+                if callback:
+                    callback({"stage": "save"})
                 path = metadata.save_png(made.image, out_dir, made.recipe, stem=stem)
             except RdbtError as err:
                 bp.failures[ln] = f"line {ln}: {err}"

@@ -12,6 +12,7 @@ import math
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -116,9 +117,11 @@ def run(
     low_vram: bool = False,
     attention: str = "sdpa",
     seed: int = 0,
+    callback=None,
 ) -> dict:
-    """Build or load the DiT (and VAE), sample `steps` steps, decode; return the measured figures."""
-    from rdbt_cli.pipeline import compile_blocks, load_dit_for, resolve_device, resolve_dtype, vae_dtype
+    """Build or load the DiT (and VAE), sample `steps` steps, decode; return the measured figures. `callback` hears
+    each stage and step (pipeline.report)."""
+    from rdbt_cli.pipeline import compile_blocks, load_dit_for, report, resolve_device, resolve_dtype, vae_dtype
 
     dev = resolve_device(device)
     dt, _ = resolve_dtype(dtype, dev)
@@ -127,6 +130,7 @@ def run(
     t0 = time.perf_counter()
     vae_path = None
     if model in (None, "full"):
+        report(callback, "build")
         with torch.device("meta"):
             dit = engine.AnimaDiT(ANIMA_2B_DIT, ANIMA_ADAPTER)
         stream = low_vram and dev.type == "cuda"
@@ -147,6 +151,7 @@ def run(
             dit_path, vae_path = paths.dit, paths.vae
         else:
             dit_path = model
+        report(callback, "load", part="DiT", file=Path(dit_path).name, bytes=Path(dit_path).stat().st_size)
         dit = load_dit_for(dit_path, dev, dtype, low_vram)
         source = str(model)
     vae = None
@@ -176,15 +181,19 @@ def run(
     def on_step(info):
         _sync(dev)
         stamps.append(time.perf_counter())
+        if callback is not None:
+            callback(info)
 
     with torch.inference_mode():
         _sync(dev)
+        report(callback, "sample")
         t_start = time.perf_counter()
         # inside the first step's time: the denoiser prepares the cross-attention K/V, once per generation
         denoiser = sampling.CFGDenoiser(dit, cond, uncond, cfg)
         out = sampling.sample(sampler, denoiser, x, sigmas, seed=seed, callback=on_step)
         decode_s = 0.0
         if vae is not None:
+            report(callback, "decode")
             t_dec = time.perf_counter()
             vae.decode(engine.latent_to_vae(out), tiled=True if low_vram else None)
             _sync(dev)
@@ -201,6 +210,7 @@ def run(
     peak_device = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     peak_host = host_peak_bytes()
     peak, peak_source = _peak_tflops(dev, dit.compute_dtype)
+    report(callback, "gemm")
     measured_gemm = gemm_tflops(dev, dit.compute_dtype)
     image_s = step_s * steps + decode_s  # steady state: warm-up and compilation excluded
     return {

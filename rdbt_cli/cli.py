@@ -236,11 +236,12 @@ def gen(
 
     from rdbt_cli.runner import Runner
 
-    runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=_warn)
     with Progress(len(todo), quiet) as bar:
+        runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=bar.warn, callback=bar.event)
         for job in todo:
             bar.start_image(f"seed {job.seed}", job.steps)
-            made = runner.run(job, bar.step)
+            made = runner.run(job, bar.event)
+            bar.stage("saving")
             path = metadata.save_png(made.image, dest, None if no_metadata else made.recipe,
                                      metadata=not no_metadata, stem=f"rdbt-{job.seed}")
             bar.done(path, made.recipe, made.timings, as_json)
@@ -291,7 +292,7 @@ def batch(
     made = 0
     with Progress(len(bp.jobs), quiet) as bar:
         for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched,
-                                         on_image=bar.start_image, callback=bar.step, on_warning=_warn):
+                                         on_image=bar.start_image, callback=bar.event, on_warning=bar.warn):
             made += 1
             bar.done(path, image.recipe, image.timings, as_json)
     total, failures, wall = batch_mod.gather(rank, world, made, bp.failures, time.perf_counter() - t_start)
@@ -464,6 +465,7 @@ def bench(
     low_vram: Annotated[bool, _flag("--low-vram", help="Streamed DiT blocks (GPU) and tiled VAE decode, as gen --low-vram.")] = False,
     attention: Annotated[Attention, typer.Option(help="Attention kernel: sdpa or xformers.")] = Attention.sdpa,
     as_json: Annotated[bool, _flag("--json", help="One JSON object on stdout.")] = False,
+    quiet: Annotated[bool, _flag("--quiet", "-q", help="No progress.")] = False,
 ):
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
     from rdbt_cli import bench as bench_mod
@@ -477,9 +479,11 @@ def bench(
         w, h = (TINY_DEFAULTS.width, TINY_DEFAULTS.height) if model == TINY else (1024, 1024)
     else:
         w, h = settings.parse_size(size)
-    result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg,
-                           device=device.value, dtype=dtype.value, decode=decode, compile=compile,
-                           low_vram=low_vram, attention=attention.value)
+    with Progress(1, quiet) as bar:  # on stderr: --json keeps stdout for the result
+        bar.start_image("bench", steps)
+        result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler,
+                               cfg=cfg, device=device.value, dtype=dtype.value, decode=decode, compile=compile,
+                               low_vram=low_vram, attention=attention.value, callback=bar.event)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -18,38 +18,105 @@ def stderr():
     return Console(stderr=True)
 
 
+def _gib(n) -> str:
+    return f"{n / 2**30:.1f} GiB" if n and n >= 2**30 else f"{n / 2**20:.0f} MiB" if n else ""
+
+
+def describe(info: dict) -> str:
+    """A stage event of the library (pipeline.report) as the progress line says it."""
+    stage = info["stage"]
+    if stage == "load":
+        size = _gib(info.get("bytes"))
+        return f"loading {info['part']} {info.get('file', '')}" + (f" ({size})" if size else "")
+    if stage in ("lora", "hash"):
+        files = ", ".join(info.get("files") or []) or "none"
+        return f"merging LoRAs: {files}" if stage == "lora" else f"hashing {files} for the metadata (once per file)"
+    return _STAGES.get(stage, stage)
+
+
+_STAGES = {
+    "text": "encoding the prompt", "sample": "sampling", "upscale": "upscaling for the hires pass",
+    "hires": "hires pass", "decode": "decoding (VAE)", "save": "saving", "build": "building random weights",
+    "gemm": "measuring the GEMM rate",
+}
+_STEPPED = ("sample", "hires")  # stages whose steps the bar counts; the others show a spinner and their time
+
+
 class Progress:
-    """Rich progress on stderr: one bar per image with ETA, plus an overall bar when there are several."""
+    """Rich progress on stderr: one line for what is happening now (loading each file, encoding, each sampling step
+    with it/s and ETA, decoding, saving, hashing), plus an overall bar when there are several images. Pass `event`
+    as the library's callback; `quiet` shows nothing."""
 
     def __init__(self, total_images: int, quiet: bool):
         from rich import progress as rp
 
+        class Counts(rp.ProgressColumn):
+            """M/N, it/s (or s/it) and ETA for a stage with steps; nothing for one without."""
+
+            def render(self, task):
+                if task.total is None:
+                    return rp.Text("")
+                done = f"{task.completed:.0f}/{task.total:.0f}"
+                if not task.fields.get("steps", True):
+                    return rp.Text(done)
+                speed = task.speed
+                rate = "" if not speed else f" {speed:.2f} it/s" if speed >= 1 else f" {1 / speed:.1f} s/it"
+                eta = task.time_remaining
+                left = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None and task.completed else ""
+                return rp.Text(done + rate + left)
+
         self.progress = rp.Progress(
-            rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
-            rp.TextColumn("eta"), rp.TimeRemainingColumn(), console=stderr(), disable=quiet, transient=False,
-            redirect_stdout=False, redirect_stderr=False,
+            rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(), Counts(), rp.TimeElapsedColumn(),
+            console=stderr(), disable=quiet, transient=False, redirect_stdout=False, redirect_stderr=False,
         )
         self.total_images = total_images
         self.overall = None
         self.task = None
+        self.label = ""
+        self.steps = None
+        self.counted = 0
         self.live = not quiet
 
     def __enter__(self):
         self.progress.__enter__()
         if self.total_images > 1:
-            self.overall = self.progress.add_task("images", total=self.total_images)
+            self.overall = self.progress.add_task("images", total=self.total_images, steps=False)
+        self.stage("starting")
         return self
 
     def __exit__(self, *exc):
+        self.progress.remove_task(self.task)  # what stays on screen: the overall bar, if any
         return self.progress.__exit__(*exc)
 
-    def start_image(self, label: str, steps: int):
-        if self.task is not None:
+    def stage(self, text: str, total=None, completed: int = 0) -> None:
+        """Show what happens now; the elapsed time restarts, and a stage with a total counts its steps."""
+        description = f"{self.label} · {text}" if self.label else text
+        if self.task is not None:  # a new task, not reset(): reset() cannot take a total back to None (a spinner)
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(label, total=steps)
+        self.task = self.progress.add_task(description, total=total, completed=completed)
 
-    def step(self, info):
-        self.progress.advance(self.task)
+    def start_image(self, label: str, steps: int):
+        self.label, self.steps, self.counted = label, steps, 0
+
+    def event(self, info: dict):
+        """The library's callback: a stage event starts a stage; any other dict is one sampler step (the steps of a
+        hires pass go on counting after the first pass's)."""
+        stage = info.get("stage")
+        if stage is None:
+            self.counted += 1
+            self.progress.advance(self.task)
+        elif stage in _STEPPED:
+            self.counted = self.counted if stage == "hires" else 0
+            self.stage(describe(info), total=self.steps, completed=self.counted)
+        else:
+            self.stage(describe(info))
+
+    def warn(self, message: str) -> None:
+        """A warning above the live display (or plainly on stderr when there is none)."""
+        if self.live and sys.stderr.isatty():
+            self.progress.console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            typer.echo(f"warning: {message}", err=True)
 
     def done(self, path: Path, recipe: dict, timings: dict, as_json: bool):
         """Count the image and print its path (or JSON record) on stdout, above the live bar on a terminal."""

@@ -10,6 +10,7 @@ reports through callbacks, raises RdbtError subclasses.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,21 @@ def load_dit_for(path, device: torch.device, dtype_name: str, low_vram: bool = F
     if stream:
         dit.stream_blocks(device)
     return dit
+
+
+def report(callback, stage: str, **info) -> None:
+    """Tell the progress display that a stage begins: {"stage": name, ...}. Sampler steps come as the samplers' own
+    dicts ({"i": step, ...}) between a "sample" stage and the next one."""
+    if callback is not None:
+        callback({"stage": stage, **info})
+
+
+def _loading(callback, part: str, path) -> None:
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    report(callback, "load", part=part, file=Path(path).name, bytes=size)
 
 
 def compile_blocks(dit) -> None:
@@ -99,19 +115,24 @@ class Models:
     @classmethod
     def load(
         cls, paths: ModelPaths, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False,
-        attention: str = "sdpa", compile: bool = False,
+        attention: str = "sdpa", compile: bool = False, callback=None,
     ) -> "Models":
         """low_vram: the text encoder stays on the CPU (it runs in fp32 there, as in ComfyUI, once per prompt), the
-        DiT's blocks are streamed from host memory one at a time on a GPU, and the VAE always decodes in tiles."""
+        DiT's blocks are streamed from host memory one at a time on a GPU, and the VAE always decodes in tiles.
+        `callback` hears a "load" stage before each file."""
         dev = resolve_device(device)
         dt, _ = resolve_dtype(dtype, dev)
         engine.set_attention_backend(attention)
         t0 = time.perf_counter()
+        _loading(callback, "tokenizers", paths.qwen_tokenizer)
         tok = text.PromptTokenizer.from_files(paths.qwen_tokenizer, paths.t5_tokenizer)
+        _loading(callback, "text encoder", paths.text_encoder)
         te = engine.load_text_encoder(paths.text_encoder, device="cpu" if low_vram else dev)
+        _loading(callback, "DiT", paths.dit)
         dit = load_dit_for(paths.dit, dev, dtype, low_vram)
         if compile:
             compile_blocks(dit)
+        _loading(callback, "VAE", paths.vae)
         vae = engine.load_vae(paths.vae, device=dev, dtype=vae_dtype(dt))
         eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths,
                   low_vram=low_vram)
@@ -173,6 +194,7 @@ def _sync(device: torch.device) -> None:
 def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> Result:
     """Make one image for `seed` with fully resolved `gen` (ComfyUI's KSampler + VAEDecode + SaveImage path)."""
     t0 = time.perf_counter()
+    report(callback, "text")
     cond = eng.encode(gen.prompt)
     uncond = None if math.isclose(gen.cfg, 1.0) else eng.encode(gen.negative or "")
     _sync(eng.device)
@@ -181,6 +203,7 @@ def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> R
     z, noise_mask = encode_input(eng, gen) if gen.init_image else (empty_latent(gen.width, gen.height), None)
     denoiser = sampling.CFGDenoiser(eng.dit, cond, uncond, gen.cfg)
     first_step = {}
+    report(callback, "sample")
 
     def on_step(info):
         if "t" not in first_step:
@@ -195,14 +218,17 @@ def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> R
     t_sample = time.perf_counter()
     hires_s = {}
     if gen.hires:
+        report(callback, "upscale")
         z, noise_mask = upscale(eng, z, noise_mask, settings.hires_size(gen.width, gen.height, gen.hires),
                                 gen.hires_upscaler)
+        report(callback, "hires")
         z = ksample(denoiser, z, noise_mask, device=eng.device, seed=seed, sampler=gen.hires_sampler or gen.sampler,
                     scheduler=gen.hires_scheduler or gen.scheduler, steps=gen.hires_steps or gen.steps,
                     denoise=gen.hires_denoise, shift=gen.shift, callback=on_step)
         _sync(eng.device)
         hires_s["hires_s"] = time.perf_counter() - t_sample  # upscale and second pass
         t_sample = time.perf_counter()
+    report(callback, "decode")
     img = eng.vae.decode(z, tiled=True if eng.low_vram else None)
     pixels = engine.to_uint8(img)[0]
     t_end = time.perf_counter()

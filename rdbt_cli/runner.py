@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from rdbt_cli import discovery, metadata, pipeline
@@ -66,6 +67,10 @@ class BackgroundHashes:
             return (str(path), None, None)
         return (os.path.abspath(path), st.st_size, st.st_mtime_ns)  # a file replaced in between is hashed again
 
+    def ready(self, path) -> bool:
+        future = self._futures.get(self._key(path))
+        return future is not None and future.done()
+
     def get(self, path) -> dict:
         self.start(path)
         try:
@@ -86,7 +91,8 @@ class Runner:
     """Models loaded once for `paths`; `run(job)` switches the LoRA stack by exact undo when it changes."""
 
     def __init__(self, load: LoadParams, paths: ModelPaths, *, allow_unmatched: bool = False,
-                 on_warning: Optional[Callable[[str], None]] = None):
+                 on_warning: Optional[Callable[[str], None]] = None, callback=None):
+        """Loads the models; `callback` hears each file's "load" stage (pipeline.report)."""
         self.load, self.paths = load, paths
         self.allow_unmatched = allow_unmatched
         self.on_warning = on_warning or (lambda message: None)
@@ -95,14 +101,16 @@ class Runner:
         if not self.tiny:
             self.hashes.start(paths.dit, paths.text_encoder, paths.vae)
         self.models = pipeline.Models.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram,
-                                           attention=load.attention, compile=load.compile)
+                                           attention=load.attention, compile=load.compile, callback=callback)
         self._stack: Optional[list] = None
         self._noted: set = set()
         self.made = 0
 
-    def set_loras(self, loras: list) -> None:
+    def set_loras(self, loras: list, callback=None) -> None:
         if loras == self._stack:
             return
+        if loras or self._stack:
+            pipeline.report(callback, "lora", files=[Path(p).name for p, _ in loras])
         self._stack = None  # a failed merge leaves no stack we could vouch for
         if not self.tiny:
             self.hashes.start(*(path for path, _ in loras))
@@ -116,16 +124,22 @@ class Runner:
             if note not in self._noted:
                 self._noted.add(note)
                 self.on_warning(note)
-        self.set_loras(job.loras)
+        self.set_loras(job.loras, callback)
         result = pipeline.generate(self.models, job.settings, seed=job.seed, index=job.index, callback=callback)
         timings = {k: round(v, 4) for k, v in result.timings.items() if k != "first_step_at"}
         if self.made == 0:
             timings["load_s"] = round(self.models.timings["load_s"], 4)
             timings["start_to_first_step_s"] = round(result.timings["first_step_at"] - _T_START, 4)
         self.made += 1
-        return Made(job, result.image, self.recipe(job), timings)
+        return Made(job, result.image, self.recipe(job, callback), timings)
 
-    def recipe(self, job: Job) -> dict:
+    def recipe(self, job: Job, callback=None) -> dict:
+        if not self.tiny:
+            files = [self.paths.dit, self.paths.text_encoder, self.paths.vae, *(path for path, _ in job.loras)]
+            waiting = [Path(f).name for f in files if not self.hashes.ready(f)]
+            if waiting:  # the first hash of a large file can outlast the image; it is then cached for good
+                pipeline.report(callback, "hash", files=waiting)
+
         def component(path):
             return metadata.component_record(path, self.hashes.get(path))
 
@@ -144,6 +158,6 @@ class Runner:
 def run(jobs: Iterable[Job], load: LoadParams, paths: ModelPaths, *, allow_unmatched: bool = False,
         callback=None, on_warning=None) -> Iterator[Made]:
     """Load once, then make every job's image in order."""
-    runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=on_warning)
+    runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=on_warning, callback=callback)
     for job in jobs:
         yield runner.run(job, callback)

@@ -303,6 +303,18 @@ def test_batch_interrupted_by_kill_resumes_with_nothing_lost_or_made_twice(tmp_p
     assert len(set(jobs)) == 40
 
 
+def test_progress_goes_to_stderr_and_json_keeps_stdout_clean(tmp_path):
+    args = ["gen", "x", "--model", "tiny", "--size", "64x48", "--steps", "2", "--count", "2", "--json"]
+    r = run(*args, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["seed"] for line in r.stdout.splitlines()][1] == json.loads(r.stdout.splitlines()[0])["seed"] + 1
+    assert "images" in r.stderr and "2/2" in r.stderr  # Rich's closing line off a terminal
+    quiet = run(*args, "--quiet", "--out", tmp_path)
+    assert quiet.exit_code == 0 and quiet.stderr == "" and len(quiet.stdout.splitlines()) == 2
+    r = run("bench", "--model", "tiny", "--size", "32x32", "--steps", "2", "--json", "--quiet")
+    assert json.loads(r.stdout)["steps"] == 2 and r.stderr == ""
+
+
 def test_bench_runs_on_the_tiny_model():
     r = run("bench", "--model", "tiny", "--size", "64x64", "--steps", "2", "--cfg", "3", "--json")
     assert r.exit_code == 0, r.output

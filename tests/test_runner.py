@@ -53,3 +53,45 @@ def test_runner_switches_lora_stacks_by_exact_undo(tmp_path):
     assert not np.array_equal(first, with_lora.image)
     assert with_lora.recipe["loras"][0]["weight"] == 0.8
     assert np.array_equal(runner.run(base[0]).image, first)  # undone exactly, no reload
+
+
+def test_every_long_stage_is_reported_before_it_runs():
+    events = []
+    jobs, load, paths = plan("1girl", LoadParams(model="tiny", device="cpu", dtype="fp32"), steps=3, count=2,
+                             seed=1, width=32, height=32, hires=1.5, hires_steps=2)
+    made = list(run(jobs, load, paths, callback=events.append))
+    stages = [e.get("stage", "step") for e in events]
+    loads = [e["part"] for e in events if e.get("stage") == "load"]
+    assert loads == ["tokenizers", "text encoder", "DiT", "VAE"]  # each file, once, before the first image
+    assert all(e["file"] and e["bytes"] > 0 for e in events if e.get("stage") == "load")
+    one_image = ["text", "sample", *["step"] * 3, "upscale", "hires", *["step"] * 2, "decode"]
+    assert stages == ["load"] * 4 + one_image * 2
+    assert len(made) == 2 and jobs[0].steps == 5  # the bar's total: both passes' steps
+
+
+def test_the_progress_line_says_what_happens_now():
+    from rdbt_cli.console import Progress, describe
+
+    assert describe({"stage": "load", "part": "DiT", "file": "anima.safetensors", "bytes": 4_200_000_000}) == \
+        "loading DiT anima.safetensors (3.9 GiB)"
+    assert describe({"stage": "hash", "files": ["a.safetensors"]}).startswith("hashing a.safetensors")
+    with Progress(2, quiet=True) as bar:
+        bar.event({"stage": "load", "part": "VAE", "file": "vae.safetensors", "bytes": 2**20})
+        assert bar.progress.tasks[-1].description == "loading VAE vae.safetensors (1 MiB)"
+        assert bar.progress.tasks[-1].total is None  # a spinner: loading has no steps to count
+        bar.start_image("seed 7", 5)
+        for info in ({"stage": "text"}, {"stage": "sample"}, {"i": 0}, {"i": 1}, {"i": 2}, {"stage": "upscale"},
+                     {"stage": "hires"}, {"i": 0}):
+            bar.event(info)
+        task = bar.progress.tasks[-1]
+        assert task.description == "seed 7 · hires pass" and (task.completed, task.total) == (4, 5)
+        bar.event({"stage": "decode"})
+        assert bar.progress.tasks[-1].description == "seed 7 · decoding (VAE)"
+
+
+def test_bench_reports_its_stages_and_steps():
+    from rdbt_cli import bench
+
+    events = []
+    bench.run(model="tiny", width=32, height=32, steps=2, device="cpu", callback=events.append)
+    assert [e.get("stage", "step") for e in events] == ["load", "sample", "step", "step", "decode", "gemm"]
