@@ -324,6 +324,7 @@ class LoraModule:
     kind: Kind
     tensors: dict[str, torch.Tensor]
     peft_style: bool = False  # lora_A/lora_B rather than lora_down/lora_up
+    keys: dict[str, str] = field(default_factory=dict)  # role -> the file's key, for messages
 
     @property
     def dora(self) -> bool:
@@ -394,6 +395,54 @@ class LoraFile:
             raise LoraError(str(exc)) from None
 
 
+# safetensors dtypes a LoRA tensor may have; integers, bools and sub-byte floats are no adapter weights.
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _check_shapes(p: Path, header: dict, roles: dict[str, str]) -> None:
+    """One module's tensors must agree with each other, from the header alone (no tensor is read): floating-point
+    dtypes, no empty dimension, a scalar alpha, and the inner (rank) dimensions of every product equal."""
+    shape = {}
+    for role, key in roles.items():
+        entry = header[key]
+        if entry.get("dtype") not in _FLOAT_DTYPES:
+            raise LoraError(f"{p}: tensor {key!r} has dtype {entry.get('dtype')}, not a float type; the file is "
+                            "damaged or not a LoRA")
+        shape[role] = [int(d) for d in entry.get("shape", [])]
+        if 0 in shape[role]:
+            raise LoraError(f"{p}: tensor {key!r} is empty (shape {shape[role]}); the file is damaged")
+    if "alpha" in shape and math.prod(shape["alpha"]) != 1:
+        raise LoraError(f"{p}: {roles['alpha']!r} has shape {shape['alpha']}, but alpha is one number; the file is "
+                        "damaged")
+    # (left factor, right factor) pairs whose inner dimensions must be equal
+    pairs = [("up", "down"), ("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"), ("lokr_w1_a", "lokr_w1_b"),
+             ("lokr_w2_a", "lokr_w2_b")]
+    for left, right in pairs:
+        if left not in shape or right not in shape:
+            continue
+        a, b = shape[left], shape[right]
+        if len(a) < 2 or len(b) < 2 or a[1] != b[0]:
+            raise LoraError(f"{p}: {roles[left]!r} {a} and {roles[right]!r} {b} do not agree (the rank differs); "
+                            "the file is damaged or was edited, download it again")
+    if "hada_w1_a" in shape and (shape["hada_w1_a"][0], shape["hada_w1_b"][1]) != (
+            shape["hada_w2_a"][0], shape["hada_w2_b"][1]):
+        raise LoraError(f"{p}: the two LoHa products of {roles['hada_w1_a'].rsplit('.', 1)[0]!r} have different "
+                        "shapes; the file is damaged")
+    for role in ("lokr_w1", "lokr_w2", "diff"):
+        if role in shape and len(shape[role]) < (2 if role != "diff" else 1):
+            raise LoraError(f"{p}: tensor {roles[role]!r} has shape {shape[role]}, too few dimensions; the file is "
+                            "damaged")
+
+
+def _check_values(lf: LoraFile, mod: LoraModule) -> None:
+    """NaN or inf in a file would turn the merged weights, and so the image, into NaN (a black picture): refuse it,
+    naming the key. One pass over tensors the merge reads anyway."""
+    for role, t in mod.tensors.items():
+        if not torch.isfinite(t.float() if t.dtype in FP8_DTYPES else t).all():
+            raise LoraError(f"{lf.path}: tensor {mod.keys.get(role, mod.base + ' ' + role)!r} holds NaN or infinite "
+                            "values (a diverged training run or a damaged file); use another version of the LoRA")
+
+
 def parse_lora_file(path: str | os.PathLike) -> LoraFile:
     """Read a .safetensors LoRA (never a pickle) and group its tensors by target module."""
     p = Path(path)
@@ -429,13 +478,14 @@ def parse_lora_file(path: str | os.PathLike) -> LoraFile:
                 "not a LoRA"
             )
         kinds[base] = kind
+        _check_shapes(p, header, roles)
     modules: dict[str, LoraModule] = {}
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             for base, roles in groups.items():
                 tensors = {role: f.get_tensor(key) for role, key in roles.items()}
                 peft = any(k.endswith(("lora_A.weight", "lora_A", "lora_A.default.weight")) for k in roles.values())
-                modules[base] = LoraModule(base, kinds[base], tensors, peft_style=peft)
+                modules[base] = LoraModule(base, kinds[base], tensors, peft_style=peft, keys=dict(roles))
     except Exception as exc:  # safetensors raises its own types for damaged files
         raise LoraError(f"{p}: could not read tensors ({exc}); download the LoRA again") from None
     if not modules and not unrecognised:
@@ -524,6 +574,12 @@ def apply_loras(
                 if b is None or b.shape != mod.bias.shape:
                     bad.append(f"{base}.diff_b (the model's {module} has no bias of that shape)")
                     continue
+            if mod.dora:
+                out, cols = w.shape[0], math.prod(w.shape[1:])
+                mag = mod.tensors.get("magnitude", mod.tensors.get("dora_scale"))
+                if mag.numel() not in ((out,) if "magnitude" in mod.tensors else (out, cols)):
+                    bad.append(f"{base} (DoRA magnitude of {mag.numel()} values, model {list(w.shape)})")
+                    continue
             fits.append((target, module, mod, shape is not None))
         bad += lf.unrecognised
         total = lf.n_modules + len(lf.unrecognised)
@@ -542,16 +598,21 @@ def apply_loras(
             s = strength.get(target, strength["*"])
             if s == 0.0:
                 continue  # W + 0·ΔW is W: skip the work (the file was still checked against the model)
+            _check_values(lf, mod)
             if has_weight:
                 plan.setdefault((target, f"{module}.weight"), []).append((lf, mod, s))
             if mod.bias is not None:
                 plan.setdefault((target, f"{module}.bias"), []).append((lf, mod, s))
     scratch = _Scratch(max((params[t][p].numel() for t, p in plan), default=0))
-    for (target, pname), items in plan.items():
-        if not any(mod.dora for _, mod, _ in items):
-            # Additive kinds commute; a fixed order makes the fp32 sum bit-identical whatever the stack order.
-            items = sorted(items, key=lambda it: (str(it[0].path), it[2], it[1].base))
-        _merge_one(targets[target], target, pname, items, patch, scratch)
+    try:
+        for (target, pname), items in plan.items():
+            if not any(mod.dora for _, mod, _ in items):
+                # Additive kinds commute; a fixed order makes the fp32 sum bit-identical whatever the stack order.
+                items = sorted(items, key=lambda it: (str(it[0].path), it[2], it[1].base))
+            _merge_one(targets[target], target, pname, items, patch, scratch)
+    except BaseException:
+        patch.undo()  # all or nothing: a refused merge (or Ctrl-C) leaves the model as it was
+        raise
     return patch
 
 
@@ -616,9 +677,11 @@ def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch, sc
         tmp.copy_(original)  # the upcast W; fp32 + fp32 in place is much faster than a mixed-dtype add
         new = acc.add_(tmp)
     if fp8:
+        _check_merged(new, items, target, pname, original.dtype)
         new, new_scale = _to_fp8(new, original.dtype, f"{target}.{pname}", rescale=scale_owner)
     else:
         new, new_scale = new.to(original.dtype, copy=True), None  # copy: never keep a scratch buffer
+        _check_merged(new, items, target, pname, original.dtype)
     if original.device.type == "cpu" and original.is_pinned():
         new = new.pin_memory()  # a streamed block's weights stay pinned, so their uploads stay asynchronous
     patch._saved.append((module, attr, original, scale_owner, old_scale))
@@ -626,6 +689,14 @@ def _merge_one(root: nn.Module, target: str, pname: str, items, patch: Patch, sc
     if scale_owner:
         module.weight_scale = new_scale
     patch.patched.setdefault(target, []).append(pname)
+
+
+def _check_merged(new: torch.Tensor, items, target: str, pname: str, dtype: torch.dtype) -> None:
+    """Finite tensors can still overflow the stored dtype (fp16 ends at 65504): refuse rather than make NaN images."""
+    if not torch.isfinite(new).all():
+        files = ", ".join(sorted({str(lf.path) for lf, _, _ in items}))
+        raise LoraError(f"{files}: merged into {target}.{pname} the LoRA gives values beyond what {dtype} holds; "
+                        "lower its weight, or use --dtype fp32")
 
 
 def _to_fp8(

@@ -1,0 +1,106 @@
+"""Hostile files and a hostile environment (issue 14), through the real CLI in a subprocess: every case ends in one
+readable line naming the file, a non-zero exit, no traceback, and no partial or lost file."""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+TINY = ["--model", "tiny", "--size", "32x32", "--steps", "1", "--quiet", "--dtype", "fp32"]
+RDBT = [sys.executable, "-m", "rdbt_cli"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuilt_tiny(tmp_path_factory):
+    # The subprocesses share the test's RDBT_HOME; build the tiny model once, not in every process.
+    from rdbt_cli.tiny import ensure_tiny_models
+
+    ensure_tiny_models()
+
+
+def rdbt(spawn, *args, input=None, timeout=180):
+    proc = spawn.popen([*RDBT, *map(str, args)], stdin=-1, stdout=-1, stderr=-1)
+    out, err = proc.communicate(input=input, timeout=timeout)
+    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def one_line_error(result, *needles):
+    rc, out, err = result
+    assert rc != 0, err
+    text = err.strip()
+    assert "Traceback" not in text, text
+    assert len(text.splitlines()) == 1, text
+    for n in needles:
+        assert n in text, text
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. LoRA contents: refused before merging, naming the file and the key; never a black image with exit 0
+
+Q = "lora_unet_blocks_0_self_attn_q_proj"  # the tiny DiT's q_proj is (128, 128)
+
+
+def _lora(**over):
+    t = {f"{Q}.lora_down.weight": torch.randn(4, 128) * 0.01, f"{Q}.lora_up.weight": torch.randn(128, 4) * 0.01,
+         f"{Q}.alpha": torch.tensor(4.0)}
+    t.update(over)
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _nan_up():
+    up = torch.randn(128, 4)
+    up[3, 1] = float("nan")
+    return _lora(**{f"{Q}.lora_up.weight": up})
+
+
+LORA_CASES = {
+    "nan": (_nan_up, f"{Q}.lora_up.weight", "NaN"),
+    "inf": (lambda: _lora(**{f"{Q}.lora_down.weight": torch.full((4, 128), float("-inf"))}),
+            f"{Q}.lora_down.weight", "infinite"),
+    "fp16 inf": (lambda: _lora(**{f"{Q}.lora_up.weight": torch.full((128, 4), float("inf")).half()}),
+                 f"{Q}.lora_up.weight", "NaN"),
+    "rank disagrees": (lambda: _lora(**{f"{Q}.lora_up.weight": torch.randn(128, 3)}), f"{Q}.lora_down.weight",
+                       "rank"),
+    "1-d up": (lambda: _lora(**{f"{Q}.lora_up.weight": torch.randn(128)}), f"{Q}.lora_up.weight", "rank"),
+    "wrong for the layer": (lambda: _lora(**{f"{Q}.lora_down.weight": torch.randn(4, 96)}), Q, "model [128, 128]"),
+    "integer dtype": (lambda: _lora(**{f"{Q}.lora_up.weight": torch.ones(128, 4, dtype=torch.int32)}),
+                      f"{Q}.lora_up.weight", "I32"),
+    "bool dtype": (lambda: _lora(**{f"{Q}.alpha": torch.tensor(True)}), f"{Q}.alpha", "BOOL"),
+    "alpha not a number": (lambda: _lora(**{f"{Q}.alpha": torch.ones(4)}), f"{Q}.alpha", "one number"),
+    "empty rank": (lambda: _lora(**{f"{Q}.lora_up.weight": torch.randn(128, 0),
+                                    f"{Q}.lora_down.weight": torch.randn(0, 128)}), "empty", "damaged"),
+    "overflow": (lambda: _lora(**{f"{Q}.lora_up.weight": torch.full((128, 4), 1e30),
+                                  f"{Q}.lora_down.weight": torch.full((4, 128), 1e30)}),
+                 "q_proj", "lower its weight"),
+    "lokr factors": (lambda: {f"{Q}.lokr_w1": torch.randn(8, 8), f"{Q}.lokr_w2_a": torch.randn(16, 2),
+                              f"{Q}.lokr_w2_b": torch.randn(3, 16)}, f"{Q}.lokr_w2_a", "rank"),
+    "lokr kron shape": (lambda: {f"{Q}.lokr_w1": torch.randn(8, 8), f"{Q}.lokr_w2": torch.randn(16, 15)},
+                        Q, "model [128, 128]"),
+    "loha products": (lambda: {f"{Q}.hada_w1_a": torch.randn(128, 2), f"{Q}.hada_w1_b": torch.randn(2, 128),
+                               f"{Q}.hada_w2_a": torch.randn(64, 2), f"{Q}.hada_w2_b": torch.randn(2, 128)},
+                      Q, "LoHa"),
+    "dora magnitude": (lambda: _lora(**{f"{Q}.dora_scale": torch.ones(1, 7)}), Q, "DoRA"),
+}
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_hostile_lora_contents_are_refused_naming_file_and_key(tmp_path, spawn, case):
+    make, key, word = LORA_CASES[case]
+    path = tmp_path / "bad style.safetensors"
+    save_file(make(), str(path))
+    out = tmp_path / "out"
+    text = one_line_error(rdbt(spawn, "gen", "x", "--lora", f"{path}:1", "--out", out, *TINY), str(path), key, word)
+    assert not out.exists() or not list(out.iterdir()), text  # no image, no temp file
+
+
+def test_a_sound_lora_of_the_same_shape_still_works(tmp_path, spawn):
+    path = tmp_path / "good.safetensors"
+    save_file(_lora(), str(path))
+    rc, out, err = rdbt(spawn, "gen", "x", "--lora", f"{path}:0.5", "--out", tmp_path / "a.png", *TINY)
+    assert rc == 0, err
+    assert (tmp_path / "a.png").exists()
