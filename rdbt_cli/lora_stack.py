@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from rdbt_cli.config import LoraSpec, user_dir
-from rdbt_cli.discovery import PICKLE_SUFFIXES
+from rdbt_cli.discovery import PICKLE_SUFFIXES, classify
 from rdbt_cli.errors import LoraError
 
 STACK_FILE = "lora_stack.json"
@@ -117,8 +117,9 @@ def add(spec: LoraSpec, lora_dirs: list[str | os.PathLike] | None = None) -> lis
     if lora_dirs is not None:
         if Path(spec.name).expanduser().is_file():
             spec = LoraSpec(str(Path(spec.name).expanduser().resolve()), spec.weight)
+            check_lora_file(Path(spec.name))
         else:
-            resolve_lora_name(spec.name, lora_dirs)
+            check_lora_file(resolve_lora_name(spec.name, lora_dirs))
     specs = load_stack()
     for i, s in enumerate(specs):
         if s.name == spec.name:
@@ -128,6 +129,22 @@ def add(spec: LoraSpec, lora_dirs: list[str | os.PathLike] | None = None) -> lis
         specs.append(spec)
     save_stack(specs)
     return specs
+
+
+def check_lora_file(path: Path) -> None:
+    """What the stack stores must be a whole safetensors LoRA, so that a bad entry cannot break every later gen.
+    Only the header is read (no torch)."""
+    info = classify(path)
+    if info.kind == "lora":
+        return
+    if info.kind == "broken":
+        raise LoraError(f"{info.details['error']}; not added to the LoRA stack")
+    if info.kind in ("pickle", "gguf"):
+        raise LoraError(f"{path}: {info.kind} files are never loaded as LoRAs; use a .safetensors LoRA")
+    what = {"dit": "a diffusion model", "te": "a text encoder", "vae": "a VAE", "aio": "a full checkpoint"}.get(
+        info.kind, info.details.get("note", "").split(";")[0] or "a file with no adapter tensors rdbt knows")
+    fix = "pass it with --model" if info.kind in ("dit", "aio") else "give a LoRA file"
+    raise LoraError(f"{path}: is {what}, not a LoRA; not added to the LoRA stack ({fix})")
 
 
 def set_weight(name: str, weight: float) -> list[LoraSpec]:

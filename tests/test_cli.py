@@ -236,7 +236,11 @@ def test_presets_and_samplers_and_models(tmp_path):
 def test_lora_stack_round_trip(tmp_path):
     loras = tmp_path / "models" / "loras"
     loras.mkdir(parents=True)
-    (loras / "style_a.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"lora_unet_blocks_0_mlp_layer1.lora_down.weight": torch.zeros(2, 4),
+               "lora_unet_blocks_0_mlp_layer1.lora_up.weight": torch.zeros(4, 2)}, str(loras / "style_a.safetensors"))
     r = run("lora-stack", "--add", "style_a:0.6", "--models-dir", tmp_path / "models", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == [{"name": "style_a", "weight": 0.6}]

@@ -104,3 +104,42 @@ def test_a_sound_lora_of_the_same_shape_still_works(tmp_path, spawn):
     rc, out, err = rdbt(spawn, "gen", "x", "--lora", f"{path}:0.5", "--out", tmp_path / "a.png", *TINY)
     assert rc == 0, err
     assert (tmp_path / "a.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. `lora-stack --add` stores only what later gens can load
+
+
+ADD_CASES = {
+    "missing": (None, "not found"),
+    "pickle": (b"\x80\x04K\x01.", "never loaded"),
+    "truncated": ("truncated", "truncated"),
+    "garbage": (b"hello, this is not a model at all", "not a safetensors file"),
+    "a model": ("model", "is a diffusion model"),
+    "no adapter": ("plain", "not a LoRA"),
+}
+
+
+@pytest.mark.parametrize("case", ADD_CASES)
+def test_lora_stack_add_refuses_what_gen_could_not_load(tmp_path, spawn, case):
+    content, word = ADD_CASES[case]
+    suffix = ".ckpt" if case == "pickle" else ".safetensors"
+    path = tmp_path / f"thing{suffix}"
+    if content == "truncated":
+        save_file(_lora(), str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+    elif content == "model":
+        from rdbt_cli.tiny import write_tiny_dit
+
+        write_tiny_dit(path)
+    elif content == "plain":
+        save_file({"some.tensor": torch.zeros(3)}, str(path))
+    elif content is not None:
+        path.write_bytes(content)
+    one_line_error(rdbt(spawn, "lora-stack", "--add", f"{path}:0.5"), "thing", word)
+    rc, out, err = rdbt(spawn, "lora-stack", "--json")
+    assert rc == 0 and json.loads(out) == [], err  # nothing stored: later gens are not broken
+    good = tmp_path / "good.safetensors"
+    save_file(_lora(), str(good))
+    rc, out, err = rdbt(spawn, "lora-stack", "--add", f"{good}:0.5", "--json")
+    assert rc == 0 and [e["name"] for e in json.loads(out)] == [str(good)], err

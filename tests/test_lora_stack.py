@@ -140,7 +140,11 @@ def test_a_stack_file_with_a_non_integer_version_is_a_clear_error():
 
 def test_a_path_entry_is_edited_by_the_path_as_typed_its_file_name_or_stem(tmp_path, monkeypatch):
     (tmp_path / "l").mkdir()
-    (tmp_path / "l" / "style.safetensors").write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_blocks_0_mlp_layer1.lora_down.weight": torch.zeros(2, 4),  # add checks it is a LoRA
+               "lora_unet_blocks_0_mlp_layer1.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "l" / "style.safetensors"))
     monkeypatch.chdir(tmp_path)
     stored = str(tmp_path / "l" / "style.safetensors")
     assert lora_stack.add(LoraSpec("l/style.safetensors", 0.7), []) == [LoraSpec(stored, 0.7)]
