@@ -55,22 +55,52 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{p}: not a safetensors file (unreadable header); download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: not a safetensors file (header is not a table)")
     meta = header.pop("__metadata__", None) or {}
-    end = 0
-    for name, entry in header.items():
-        try:
-            end = max(end, int(entry["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise CheckpointError(f"{p}: damaged safetensors header at tensor {name!r}; download it again") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{p}: damaged safetensors header (__metadata__ is not a table of strings); "
+                              "download it again")
+    end = _check_entries(p, header)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{p}: file is truncated ({size:,} bytes, header says {8 + n + end:,}); the download did not finish, fetch it again"
         )
     return header, meta
+
+
+# safetensors dtypes and their sizes in bits (safetensors' Dtype enum).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
+              "F64": 64, "I64": 64, "U64": 64}
+
+
+def _check_entries(p: Path, header: dict) -> int:
+    """Every tensor entry well-formed (a known dtype, a shape of whole numbers, offsets that hold exactly that many
+    bytes and overlap no other tensor), as the safetensors library will demand when loading; returns the data end."""
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (dtype in DTYPE_BITS and isinstance(shape, list)
+                  and all(type(d) is int and d >= 0 for d in (*shape, begin, end)) and begin <= end)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{p}: damaged safetensors header at tensor {name!r} (dtype, shape or offsets); "
+                                  "download it again")
+        if end - begin != -(-_numel(shape) * DTYPE_BITS[dtype] // 8):
+            raise CheckpointError(f"{p}: damaged safetensors header: tensor {name!r} of shape {shape} {dtype} "
+                                  f"does not fit its {end - begin:,} bytes; download it again")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end0, a), (begin1, _, b) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise CheckpointError(f"{p}: damaged safetensors header: tensors {a!r} and {b!r} overlap; "
+                                  "download it again")
+    return spans[-1][1] if spans else 0
 
 
 def strip_prefix(keys, prefixes) -> str:
@@ -386,13 +416,18 @@ def classify(path: str | os.PathLike) -> FileInfo:
     details['error'] / details['unsupported']; only a missing path raises CheckpointError.
     """
     p = Path(path)
+    if p.is_symlink() and not p.exists():  # a dangling link in a models folder is one bad row, not a failed listing
+        return FileInfo(p, "broken", {"error": f"{p}: a link to a missing file ({os.readlink(p)}); fix or remove it"}, 0)
     if not p.exists():
         raise CheckpointError(f"{p}: file not found; check the path or run `rdbt models` to see what rdbt finds")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a folder, not a model file")
     size = p.stat().st_size
-    with open(p, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:  # unreadable (permissions, I/O error): one row, not the end of the listing
+        return FileInfo(p, "broken", {"error": f"{p}: cannot read ({err.strerror}); check its permissions"}, size)
     if magic == b"GGUF" or p.suffix.lower() == ".gguf":
         return FileInfo(p, "gguf", _gguf_details(p), size)
     if p.suffix.lower() in PICKLE_SUFFIXES + (".pt2",):
@@ -402,6 +437,8 @@ def classify(path: str | os.PathLike) -> FileInfo:
         header, meta = read_safetensors_header(p)
     except CheckpointError as err:
         return FileInfo(p, "broken", {"error": str(err)}, size)
+    except OSError as err:
+        return FileInfo(p, "broken", {"error": f"{p}: cannot read ({err.strerror}); check its permissions"}, size)
     kind, details = classify_header(header, meta)
     return FileInfo(p, kind, details, size)
 
@@ -800,7 +837,7 @@ def _cache_path() -> Path:
 def _load_cache() -> dict:
     try:
         data = json.loads(_cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("files"), dict):
         return {}
@@ -841,9 +878,16 @@ def _expand(p: Path, raw: dict) -> dict:
 def cached_hashes(path: str | os.PathLike) -> dict | None:
     """`file_hashes(path)` if the cache already holds them for this size and mtime, else None (never hashes)."""
     p = Path(path)
-    key, size, mtime = _stamp(p)
+    try:
+        key, size, mtime = _stamp(p)
+    except OSError:
+        return None
     entry = _load_cache().get(key)
-    if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime and entry.get("sha256"):
+    # Another process, an older rdbt or a hand edit may have left anything here: a wrong-typed entry is a miss, and
+    # file_hashes rewrites it.
+    if (isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime
+            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+            and isinstance(entry.get("addnet"), (str, type(None)))):
         return _expand(p, entry)
     return None
 

@@ -2,6 +2,7 @@
 readable line naming the file, a non-zero exit, no traceback, and no partial or lost file."""
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ def _prebuilt_tiny(tmp_path_factory):
     ensure_tiny_models()
 
 
-def rdbt(spawn, *args, input=None, timeout=180):
-    proc = spawn.popen([*RDBT, *map(str, args)], stdin=-1, stdout=-1, stderr=-1)
+def rdbt(spawn, *args, input=None, timeout=180, env=None):
+    env = {**os.environ, "COLUMNS": "400", **(env or {})}  # rich tables unabridged
+    proc = spawn.popen([*RDBT, *map(str, args)], stdin=-1, stdout=-1, stderr=-1, env=env)
     out, err = proc.communicate(input=input, timeout=timeout)
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
@@ -143,3 +145,80 @@ def test_lora_stack_add_refuses_what_gen_could_not_load(tmp_path, spawn, case):
     save_file(_lora(), str(good))
     rc, out, err = rdbt(spawn, "lora-stack", "--add", f"{good}:0.5", "--json")
     assert rc == 0 and [e["name"] for e in json.loads(out)] == [str(good)], err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Junk in a models folder is one unreadable row with its reason; the other files still list and load
+
+
+def _raw_safetensors(path, header, data=b""):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+JUNK = {
+    "no_dtype": ({"w": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype, shape or offsets"),
+    "bad_dtype": ({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype, shape or offsets"),
+    "meta_not_table": ({"__metadata__": [1, 2], "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                       b"\0" * 8, "__metadata__"),
+    "meta_not_strings": ({"__metadata__": {"a": {"b": 1}}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                         b"\0" * 8, "__metadata__"),
+    "absurd_shape": ({"w": {"dtype": "F32", "shape": [10**12, 10**12], "data_offsets": [0, 8]}}, b"\0" * 8,
+                     "does not fit"),
+    "negative_shape": ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8,
+                       "dtype, shape or offsets"),
+    "shape_words": ({"w": {"dtype": "F32", "shape": "big", "data_offsets": [0, 8]}}, b"\0" * 8,
+                    "dtype, shape or offsets"),
+    "overlap": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
+    "entry_not_table": ({"w": 5}, b"", "dtype, shape or offsets"),
+    "deep_json": (b"[" * 100000 + b"]" * 100000, b"", "unreadable header"),
+    "not_utf8": (b'{"\xff\xfe": 1}', b"", "unreadable header"),
+    "header_list": (b"[1, 2, 3]", b"", "not a table"),
+    "truncated": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 4, "truncated"),
+}
+
+
+@pytest.fixture
+def junk_models(tmp_path):
+    import shutil
+
+    from rdbt_cli.tiny import ensure_tiny_models
+
+    dit = Path(ensure_tiny_models().dit)
+    models = tmp_path / "models"
+    shutil.copytree(dit.parent.parent, models)
+    for name, (header, data, _) in JUNK.items():
+        _raw_safetensors(models / "diffusion_models" / f"junk_{name}.safetensors", header, data)
+    (models / "loras").mkdir()
+    _raw_safetensors(models / "loras" / "junk_lora.safetensors", JUNK["overlap"][0], JUNK["overlap"][1])
+    (models / "diffusion_models" / "junk_empty.safetensors").write_bytes(b"")
+    (models / "diffusion_models" / "junk_link.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    return models
+
+
+def test_models_lists_junk_as_broken_with_the_reason(junk_models, spawn):
+    rc, out, err = rdbt(spawn, "models", "--models-dir", junk_models, "--json")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    rows = {Path(r["file"]).stem: r for r in json.loads(out)}
+    for name, (_, _, reason) in JUNK.items():
+        row = rows[f"junk_{name}"]
+        assert row["kind"] == "broken" and reason in json.dumps(row), row
+    assert rows["junk_empty"]["kind"] == rows["junk_link"]["kind"] == rows["junk_lora"]["kind"] == "broken"
+    assert {rows[n]["kind"] for n in ("anima_tiny", "qwen3_tiny", "wan21_vae_tiny")} == {"dit", "te", "vae"}
+    rc, out, err = rdbt(spawn, "models", "--models-dir", junk_models)  # the table, too
+    assert rc == 0 and "junk_overlap" in out and "overlap" in out, err
+
+
+def test_junk_beside_the_model_does_not_stop_gen(junk_models, tmp_path, spawn):
+    rc, out, err = rdbt(spawn, "gen", "x", "--models-dir", junk_models, "--size", "32x32", "--steps", "1", "--quiet",
+                        "--out", tmp_path / "a.png")
+    assert rc == 0, err
+    assert (tmp_path / "a.png").exists()
+    # naming a junk file is a one-line error that names it
+    one_line_error(rdbt(spawn, "gen", "x", "--models-dir", junk_models, "--model", "junk_overlap", "--size", "32x32",
+                        "--steps", "1", "--quiet", "--out", tmp_path / "b.png"), "junk_overlap", "overlap")
+    one_line_error(rdbt(spawn, "gen", "x", "--model", "tiny", "--lora", junk_models / "loras" / "junk_lora.safetensors",
+                        "--size", "32x32", "--steps", "1", "--quiet", "--out", tmp_path / "c.png"), "junk_lora")
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
