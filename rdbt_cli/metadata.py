@@ -461,6 +461,13 @@ _COMFY_NODES = {
     "LatentUpscale": ("Upscale Latent", [("LATENT", "LATENT")]),
     "LatentUpscaleBy": ("Upscale Latent By", [("LATENT", "LATENT")]),
     "KSampler": ("KSampler", [("LATENT", "LATENT")]),
+    # ComfyUI-NAG-Extended (BigStationW's pack; the fork that works on Anima keeps its nodes and inputs)
+    "KSamplerWithNAG": ("KSamplerWithNAG", [("LATENT", "LATENT")]),
+    "NAGCFGGuiderAdvanced": ("NAGCFGGuiderAdvanced", [("GUIDER", "GUIDER")]),
+    "RandomNoise": ("RandomNoise", [("NOISE", "NOISE")]),
+    "KSamplerSelect": ("KSamplerSelect", [("SAMPLER", "SAMPLER")]),
+    "BasicScheduler": ("BasicScheduler", [("SIGMAS", "SIGMAS")]),
+    "SamplerCustomAdvanced": ("SamplerCustomAdvanced", [("output", "LATENT"), ("denoised_output", "LATENT")]),
     "VAEDecode": ("VAE Decode", [("IMAGE", "IMAGE")]),
     "SaveImage": ("Save Image", []),
 }
@@ -532,11 +539,32 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
     cfg = float(recipe.get("cfg") if recipe.get("cfg") is not None else 4.0)
     sampler_name, scheduler = recipe.get("sampler") or "er_sde", recipe.get("scheduler") or "simple"
 
+    conds = [("model", model, 0, "MODEL"), ("positive", pos, 0, "CONDITIONING"), ("negative", neg, 0, "CONDITIONING")]
+    nag = [(key, float(recipe[key])) for key in ("nag_scale", "nag_tau", "nag_alpha", "nag_sigma_end")] \
+        if recipe.get("nag_scale") else []
+    nag_start = float(recipe.get("nag_sigma_start") or 0) if nag else None
+
     def ksampler(latent, steps, sampler_name, scheduler, denoise, col):
-        return add("KSampler", [("seed", seed), ("steps", steps), ("cfg", cfg), ("sampler_name", sampler_name),
-                                ("scheduler", scheduler), ("denoise", float(denoise))],
-                   [("model", model, 0, "MODEL"), ("positive", pos, 0, "CONDITIONING"),
-                    ("negative", neg, 0, "CONDITIONING"), ("latent_image", latent, 0, "LATENT")], col=col)
+        if not nag:
+            return add("KSampler", [("seed", seed), ("steps", steps), ("cfg", cfg), ("sampler_name", sampler_name),
+                                    ("scheduler", scheduler), ("denoise", float(denoise))],
+                       conds + [("latent_image", latent, 0, "LATENT")], col=col)
+        # NAG: the negative prompt is also the NAG negative. KSamplerWithNAG fixes sigma_start at 14.7, which no flow
+        # sigma (at most 1) exceeds; a window that starts lower needs the pack's guider, the one node that takes it.
+        guided = conds + [("nag_negative", neg, 0, "CONDITIONING"), ("latent_image", latent, 0, "LATENT")]
+        if nag_start >= 1:
+            return add("KSamplerWithNAG", [("seed", seed), ("steps", steps), ("cfg", cfg), *nag,
+                                           ("sampler_name", sampler_name), ("scheduler", scheduler),
+                                           ("denoise", float(denoise))], guided, col=col)
+        guider = add("NAGCFGGuiderAdvanced", [("cfg", cfg), *nag[:3], ("nag_sigma_start", nag_start), nag[3],
+                                              ("display_logs", False)], guided, col=col)
+        return add("SamplerCustomAdvanced", [], [
+            ("noise", add("RandomNoise", [("noise_seed", seed)], col=col), 0, "NOISE"),
+            ("guider", guider, 0, "GUIDER"),
+            ("sampler", add("KSamplerSelect", [("sampler_name", sampler_name)], col=col), 0, "SAMPLER"),
+            ("sigmas", add("BasicScheduler", [("scheduler", scheduler), ("steps", steps), ("denoise", float(denoise))],
+                           [("model", model, 0, "MODEL")], col=col), 0, "SIGMAS"),
+            ("latent_image", latent, 0, "LATENT")], col=col)
 
     sampled = ksampler(latent, steps, sampler_name, scheduler, recipe.get("denoise") or 1.0 if image else 1.0, 4)
     scale = float(recipe.get("hires") or 0)
@@ -577,7 +605,7 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
     for order, n in enumerate(nodes):
         row = rows[n["col"]] = rows.get(n["col"], -1) + 1
         widgets = [v for _, v in n["widgets"]]
-        if n["class"] == "KSampler":
+        if n["class"] in ("KSampler", "KSamplerWithNAG", "RandomNoise"):
             widgets.insert(1, "fixed")  # the UI's control_after_generate widget sits right after the seed
         elif n["class"] in ("LoadImage", "LoadImageMask"):
             widgets.append("image")  # the UI's upload button is a widget too
@@ -619,7 +647,8 @@ def _comfy_recipe(graph: dict) -> dict:
                 return text_of(inputs(src)[key], depth + 1)
         return None
 
-    samplers = [(k, v) for k, v in nodes.items() if v.get("class_type") in ("KSampler", "KSamplerAdvanced")]
+    samplers = [(k, v) for k, v in nodes.items()
+                if v.get("class_type") in ("KSampler", "KSamplerAdvanced", "KSamplerWithNAG")]
     if not samplers:
         return {}
     decoded = {str(inputs(v).get("samples", [None])[0]) for v in nodes.values() if v.get("class_type") == "VAEDecode"}
@@ -633,7 +662,7 @@ def _comfy_recipe(graph: dict) -> dict:
         "cfg": scalar(ki.get("cfg")), "sampler": scalar(ki.get("sampler_name")),
         "scheduler": scalar(ki.get("scheduler")), "prompt": "", "negative": "", "loras": [],
     }
-    for key in ("positive", "negative"):
+    for key in ("positive", "negative", "nag_negative"):
         cond = node_of(ki.get(key))
         for _ in range(16):  # walk through conditioning modifiers (ConditioningZeroOut, ...) to the text encoder
             if cond is None or "text" in inputs(cond) or "text_g" in inputs(cond):
@@ -651,6 +680,13 @@ def _comfy_recipe(graph: dict) -> dict:
                 name = inputs(clip).get("clip_name", inputs(clip).get("clip_name1"))
                 if isinstance(name, str):
                     recipe["text_encoder"] = _component(name)
+    if ks.get("class_type") == "KSamplerWithNAG":
+        recipe.update({key: scalar(ki.get(key)) for key in ("nag_scale", "nag_tau", "nag_alpha", "nag_sigma_end")})
+        # rdbt has one negative prompt; at CFG 1 only the NAG negative is used
+        nag_negative = recipe.pop("nag_negative", None)
+        if nag_negative is not None and (recipe["cfg"] == 1 or not recipe["negative"]):
+            recipe["negative"] = nag_negative
+    recipe.pop("nag_negative", None)
     latent = node_of(ki.get("latent_image"))
     if latent is not None and "width" in inputs(latent):
         recipe["width"], recipe["height"] = scalar(inputs(latent).get("width")), scalar(inputs(latent).get("height"))

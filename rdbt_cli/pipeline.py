@@ -190,6 +190,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def nag_guidance(eng: Models, gen) -> sampling.NAGGuidance | None:
+    """KSamplerWithNAG's guidance for `gen`: the negative prompt's context (encoded like the prompt), off at a NAG
+    scale of 1 or less, as the node switches itself off there."""
+    if not gen.nag_scale or gen.nag_scale <= 1:
+        return None
+    return sampling.NAGGuidance(eng.encode(gen.negative), engine.NAG(gen.nag_scale, gen.nag_tau, gen.nag_alpha),
+                                gen.nag_sigma_start, gen.nag_sigma_end)
+
+
 @torch.inference_mode()
 def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> Result:
     """Make one image for `seed` with fully resolved `gen` (ComfyUI's KSampler + VAEDecode + SaveImage path)."""
@@ -197,11 +206,12 @@ def generate(eng: Models, gen, *, seed: int, index: int = 0, callback=None) -> R
     report(callback, "text")
     cond = eng.encode(gen.prompt)
     uncond = None if math.isclose(gen.cfg, 1.0) else eng.encode(gen.negative or "")
+    nag = nag_guidance(eng, gen)
     _sync(eng.device)
     t_text = time.perf_counter()
     # The input latent (VAE space) and its noise mask at pixel resolution: an empty latent and none for txt2img.
     z, noise_mask = encode_input(eng, gen) if gen.init_image else (empty_latent(gen.width, gen.height), None)
-    denoiser = sampling.CFGDenoiser(eng.dit, cond, uncond, gen.cfg)
+    denoiser = sampling.CFGDenoiser(eng.dit, cond, uncond, gen.cfg, nag=nag)
     first_step = {}
     report(callback, "sample")
 

@@ -295,6 +295,36 @@ def _hires_advice(p) -> Optional[str]:
     return "; ".join(notes) or None
 
 
+# Rules of the NAG rows. Their ranges are those of ComfyUI-NAG-Extended's KSamplerWithNAG inputs, so that the
+# recorded ComfyUI graph runs as it is.
+NAG_SIGMA_START = 14.7  # KSamplerWithNAG's fixed start: above every flow sigma (at most 1), so from the first step
+
+
+def _nag_on(v: dict) -> bool:
+    return bool(v.get("nag_scale"))
+
+
+def _nag_scale(key, value):
+    if not is_number(value) or not (value == 0 or 1 <= value <= 100):
+        return (f"NAG scale must be 0 (off) or from 1 to 100 (1 guides nothing; 5 is the node's default), "
+                f"not {value!r}")
+    return None
+
+
+def _nag_needs_negative(p) -> Optional[str]:
+    if p.nag_scale and not (p.negative or "").strip():
+        return (f"--nag-scale {p.nag_scale:g} needs a negative prompt, which NAG steers away from; give one with "
+                '-n "worst quality, ..."')
+    return None
+
+
+def _nag_window(p) -> Optional[str]:
+    if p.nag_sigma_start is not None and p.nag_sigma_end is not None and p.nag_sigma_end > p.nag_sigma_start:
+        return (f"--nag-sigma-end {p.nag_sigma_end:g} is above --nag-sigma-start {p.nag_sigma_start:g}: NAG acts "
+                "while sigma-end <= sigma <= sigma-start, so the window is reversed; swap them")
+    return None
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("prompt", str, None, "The prompt, in ComfyUI weight syntax: (word:1.2).", _text, batch=False,
             recipe="prompt"),
@@ -360,6 +390,23 @@ SETTINGS: tuple[Setting, ...] = (
             applies=_hires_on),
     Setting("loras", list, [], "NAME[:WEIGHT], repeatable; on top of the persistent stack.", _loras, ("--lora",),
             preset="lora"),
+    Setting("nag_scale", float, 0.0, "NAG (normalized attention guidance): the negative prompt works at CFG 1 too, "
+            "for about the cost of one more cross-attention; 0 is off, 5 the usual.", _nag_scale, ("--nag-scale",),
+            preset="nag_scale", recipe="nag_scale", a1111="NAG scale", a1111_extension=True, applies=_nag_on,
+            requires=_nag_needs_negative),
+    Setting("nag_tau", float, 2.5, "NAG: how far the guided attention may grow, in times the prompt's own (default 2.5).",
+            _real(1.0, 10.0, "at least 1 (below, it would shrink even unguided attention)"), ("--nag-tau",),
+            preset="nag_tau", recipe="nag_tau", a1111="NAG tau", a1111_extension=True, applies=_nag_on),
+    Setting("nag_alpha", float, 0.25, "NAG: how much of the guided attention is blended in, 0 to 1 (default 0.25).",
+            _real(0.0, 1.0, "from 0 to 1"), ("--nag-alpha",), preset="nag_alpha", recipe="nag_alpha",
+            a1111="NAG alpha", a1111_extension=True, applies=_nag_on),
+    Setting("nag_sigma_start", float, NAG_SIGMA_START, "NAG acts while sigma is at most this (sigmas run from 1 down "
+            "to 0, so the default acts from the first step).", _real(0.0, 20.0, "0 or more"),
+            ("--nag-sigma-start",), preset="nag_sigma_start", recipe="nag_sigma_start", a1111="NAG sigma start",
+            a1111_omit=NAG_SIGMA_START, a1111_extension=True, applies=_nag_on, requires=_nag_window),
+    Setting("nag_sigma_end", float, 0.0, "NAG acts while sigma is at least this (0: to the last step).",
+            _real(0.0, 20.0, "0 or more"), ("--nag-sigma-end",), preset="nag_sigma_end", recipe="nag_sigma_end",
+            a1111="NAG sigma end", a1111_extension=True, applies=_nag_on),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
