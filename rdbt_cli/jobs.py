@@ -56,8 +56,9 @@ def random_seed() -> int:
 
 def unused_negative(gen: GenParams) -> Optional[str]:
     """A note when resolved settings carry a negative prompt that nothing reads: CFG 1 never evaluates it (NAG does)."""
-    if gen.negative and gen.cfg == 1 and not getattr(gen, "nag_scale", None):
-        return "the negative prompt is not used at --cfg 1 (which skips it, twice as fast); raise --cfg to use it"
+    if gen.negative and gen.cfg == 1 and not gen.nag_scale:
+        return ("the negative prompt is not used at --cfg 1 (which skips it, twice as fast); add --nag-scale 5 (NAG, "
+                "a fraction of CFG's cost) or raise --cfg to use it")
     return None
 
 
@@ -187,6 +188,7 @@ def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = N
     persistent one, and its model files are used unless `load` names others.
     """
     flags = replace(anchor_files(settings.layer(flags, settings.from_flags(values)), Path.cwd()), prompt=prompt)
+    settings.check_all(flags, lambda s: s.flags[-1] if s.flags else s.name)  # text and values before any file is read
     base = None
     if recipe is not None:
         from rdbt_cli.metadata import check_recorded_inputs, recipe_settings
