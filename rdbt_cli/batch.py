@@ -150,20 +150,36 @@ def parse_batch(text: str) -> list[BatchLine]:
     return lines
 
 
+def decode_text(data: bytes, source: str) -> str:
+    """UTF-8 (a leading BOM dropped), or a ConfigError naming the first bad byte by line and column. No guessing at
+    Latin-1 or cp1252: a guess would put other characters in the image and its recipe than the user wrote."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # the BOM Windows editors write
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ConfigError(f"{source}: byte 0x{data[exc.start]:02X} at line {line}, column {column} is not UTF-8; save "
+                          "it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def read_stdin_text() -> str:
+    return decode_text(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode(),
+                       "stdin")
+
+
 def read_batch_source(path_or_dash: str | os.PathLike) -> str:
     """The text of a batch file, or of stdin for "-"."""
     if str(path_or_dash) == "-":
-        return sys.stdin.read()
+        return read_stdin_text()
     path = Path(path_or_dash)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return decode_text(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: batch file not found; give a text file with one prompt per line, or - for stdin") \
             from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder; give a text file with one prompt per line") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the batch file as UTF-8") from None
 
 
 def line_seed(batch: str, lineno: int) -> int:

@@ -225,7 +225,9 @@ def gen(
 
     recipe = metadata.read_png(from_image)["recipe"] if from_image is not None else None
     if prompt == "-":
-        prompt = sys.stdin.read().strip() or None
+        from rdbt_cli.batch import read_stdin_text
+
+        prompt = read_stdin_text().strip() or None
     if prompt is None and recipe is None:
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     dest = metadata.check_destination(out or "outputs")

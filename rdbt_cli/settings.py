@@ -113,9 +113,25 @@ def _side(key, value):
     return None
 
 
+# Anima was trained on prompts of up to 512 tokens; the text encoder reads any length (nothing is cut), but its time
+# grows with the square of the length. Past this many characters (about 5,000 tokens) a prompt is a pasted file.
+MAX_PROMPT_CHARS = 20_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _text(key, value):
     if not isinstance(value, str):
         return f"{key} must be a string, not {value!r}"
+    bad = _SURROGATE.search(value)
+    if bad:
+        c, at = ord(bad.group()), bad.start() + 1
+        if 0xDC80 <= c <= 0xDCFF:  # a byte Python could not decode as UTF-8 (argv, surrogateescape)
+            return f"{key} is not UTF-8: byte 0x{c - 0xDC00:02X} at character {at}; type or save it as UTF-8"
+        return f"{key} holds a lone surrogate U+{c:04X} at character {at}, which is no text; remove it"
+    if len(value) > MAX_PROMPT_CHARS:
+        return (f"{key} is {len(value):,} characters, more than the limit of {MAX_PROMPT_CHARS:,} (Anima reads about "
+                "512 tokens, some 2,000 characters, and the text encoder slows with the square of the length); "
+                "shorten it")
     return None
 
 

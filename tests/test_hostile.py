@@ -25,7 +25,8 @@ def _prebuilt_tiny(tmp_path_factory):
 
 def rdbt(spawn, *args, input=None, timeout=180, env=None):
     env = {**os.environ, "COLUMNS": "400", **(env or {})}  # rich tables unabridged
-    proc = spawn.popen([*RDBT, *map(str, args)], stdin=-1, stdout=-1, stderr=-1, env=env)
+    args = [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]  # bytes: an argument that is not UTF-8
+    proc = spawn.popen([*RDBT, *args], stdin=-1, stdout=-1, stderr=-1, env=env)
     out, err = proc.communicate(input=input, timeout=timeout)
     return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
@@ -222,3 +223,59 @@ def test_junk_beside_the_model_does_not_stop_gen(junk_models, tmp_path, spawn):
     one_line_error(rdbt(spawn, "gen", "x", "--model", "tiny", "--lora", junk_models / "loras" / "junk_lora.safetensors",
                         "--size", "32x32", "--steps", "1", "--quiet", "--out", tmp_path / "c.png"), "junk_lora")
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Text that is not UTF-8: one rule (strict UTF-8, a BOM allowed), the first bad byte named, before any model loads
+
+NO_MODEL = ["--model", "/nowhere/model.safetensors"]  # the encoding error must come before the model is looked for
+
+
+def test_prompt_arguments_that_are_not_utf8(tmp_path, spawn):
+    one_line_error(rdbt(spawn, "gen", b"caf\xe9 au lait", "--out", tmp_path, *NO_MODEL), "prompt", "0xE9",
+                   "character 4", "UTF-8")
+    one_line_error(rdbt(spawn, "gen", "fine", "--cfg", "4", "-n", b"\x80bad", "--out", tmp_path, *NO_MODEL),
+                   "negative", "0x80", "character 1")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("data, where", [
+    (b"caf\xe9\n", "line 1, column 4"),
+    ("\ufeffgood line\n".encode() + b"second \xff line\n", "line 2, column 8"),
+    ("1girl".encode("utf-16"), "line 1, column 1"),
+])
+def test_stdin_that_is_not_utf8(tmp_path, spawn, data, where):
+    one_line_error(rdbt(spawn, "gen", "-", "--out", tmp_path, *NO_MODEL, input=data), "stdin", where, "UTF-8")
+    one_line_error(rdbt(spawn, "batch", "-", "--out", tmp_path, *NO_MODEL, input=data), "stdin", where)
+    assert not list(tmp_path.iterdir())
+
+
+def test_batch_file_that_is_not_utf8(tmp_path, spawn):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("un café\n".encode() + "deux crème --seed 3\n".encode("latin-1"))
+    out = tmp_path / "out"
+    one_line_error(rdbt(spawn, "batch", prompts, "--out", out, *NO_MODEL), str(prompts), "line 2, column 8",
+                   "0xE8", "iconv")
+    assert not out.exists()
+    prompts.write_bytes("\ufeffun café\n".encode())  # UTF-8 with a BOM is fine
+    rc, out_text, err = rdbt(spawn, "batch", prompts, "--out", out, *TINY)
+    assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. Very long prompts: refused past a documented limit, before anything loads, instead of minutes of silence
+
+
+def test_a_prompt_past_the_limit_is_refused_before_loading(tmp_path, spawn):
+    from rdbt_cli.settings import MAX_PROMPT_CHARS
+
+    long = "1girl, " * (MAX_PROMPT_CHARS // 7 + 1)
+    one_line_error(rdbt(spawn, "gen", long, "--out", tmp_path, *NO_MODEL), "prompt", f"{MAX_PROMPT_CHARS:,}",
+                   "shorten")
+    one_line_error(rdbt(spawn, "gen", "-", "--out", tmp_path, *NO_MODEL, input=long.encode()), "prompt", "shorten")
+    one_line_error(rdbt(spawn, "gen", "x", "--cfg", "4", "-n", long, "--out", tmp_path, *NO_MODEL), "negative")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"short one\n{long}\n")
+    rc, out, err = rdbt(spawn, "batch", prompts, "--out", tmp_path / "out", *TINY)
+    assert rc == 1 and "line 2" in err and "shorten" in err, err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1  # the good line is made
