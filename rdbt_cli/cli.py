@@ -223,7 +223,7 @@ def gen(
     """Generate images from a prompt."""
     from rdbt_cli import jobs, metadata
 
-    recipe = metadata.read_png(from_image)["recipe"] if from_image is not None else None
+    recipe = metadata.read_recipe(from_image) if from_image is not None else None
     if prompt == "-":
         from rdbt_cli.batch import read_stdin_text
 
@@ -321,7 +321,7 @@ def inspect(
     failed = 0
     for path in images:
         try:
-            info = metadata.read_png(path)
+            info = metadata.inspectable(metadata.read_png(path))  # what breaks its rule is listed as skipped
         except RdbtError as err:
             if len(images) == 1:
                 raise
@@ -329,11 +329,18 @@ def inspect(
             failed += 1
             continue
         if as_json:
-            typer.echo(json.dumps({"path": str(path), "source": info["source"], **info["recipe"]}, ensure_ascii=False))
+            record = {"path": str(path), "source": info["source"], **info["recipe"]}
+            record |= {"skipped": info["skipped"]} if info["skipped"] else {}
+            try:
+                text = json.dumps(record, ensure_ascii=False)
+            except (ValueError, RecursionError):  # nested too deeply to write back
+                text = json.dumps({"path": str(path), "source": info["source"],
+                                   "skipped": ["recipe (nested too deeply to show)"]})
+            typer.echo(metadata.printable(text))
         else:
             if len(images) > 1:
                 typer.echo(f"== {path}")
-            typer.echo(metadata.summarise(info))
+            typer.echo(metadata.printable(metadata.summarise(info)))
     if failed:
         raise typer.Exit(1)
 

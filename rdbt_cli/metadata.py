@@ -48,7 +48,7 @@ from pathlib import Path
 from rdbt_cli import __version__
 from rdbt_cli.config import LoraSpec
 from rdbt_cli.errors import ConfigError, OutputError
-from rdbt_cli.settings import BY_NAME, DEFAULT_SHIFT, SETTINGS, GenParams, check_all, hires_size
+from rdbt_cli.settings import BY_NAME, DEFAULT_SHIFT, SETTINGS, GenParams, check_all, hires_size, is_number
 
 SCHEMA = "rdbt.recipe/1"
 
@@ -165,10 +165,32 @@ def check_recorded_inputs(params, recorded: dict) -> None:
                               "it as it is now")
 
 
+def read_recipe(path) -> dict:
+    """The recipe of a PNG for `gen --from`, every recorded value checked now (recipe_settings), so that a damaged or
+    hostile recipe is refused before anything loads, naming the file."""
+    recipe = read_png(path)["recipe"]
+    try:
+        recipe_settings(recipe)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}; this recipe cannot be re-run (see it with `rdbt inspect {path}`)") from None
+    return recipe
+
+
 def recipe_settings(recipe: dict):
     """(GenParams, recorded files) from a recipe read back by read_png: every value checked by the rules the flags
     obey, before anything loads. `recorded` holds the model, text_encoder and vae to look for, dtype, weights_fp8
     and the input files' records (`inputs`, for check_recorded_inputs)."""
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"the recorded recipe is not a table but {type(recipe).__name__}")
+    try:
+        return _recipe_settings(recipe)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+        # a value of a type no rule expects (a dict where a number belongs, ...): refused like any bad value
+        raise ConfigError(f"the recorded recipe holds a value of the wrong type ({exc.__class__.__name__}: "
+                          f"{str(exc)[:200]})") from None
+
+
+def _recipe_settings(recipe: dict):
     values = {s.name: _recorded_value(s, recipe.get(s.recipe)) for s in SETTINGS if s.recipe}
     loras = recipe.get("loras") or []
     if not isinstance(loras, list):
@@ -290,7 +312,7 @@ def parse_parameter_line(line: str) -> list[tuple[str, str]]:
                 if not rest or rest.startswith(","):
                     value = obj if isinstance(obj, str) else line[pos:end]
                     pos = end
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past Python's limit; kept as text
                 pass
         if value is None:
             nxt = line.find(",", pos)
@@ -378,10 +400,12 @@ def parse_parameters_text(text: str) -> dict:
         elif key == "Hashes":
             try:
                 table = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 extra[key] = value
                 continue
             for name, h in table.items() if isinstance(table, dict) else ():
+                if not isinstance(h, str):
+                    continue  # a hash that is not text is no hash
                 if name == "model":
                     recipe.setdefault("model", {"name": None, "file": None, "hash": None})
                     recipe["model"]["hash"] = recipe["model"]["hash"] or h
@@ -966,7 +990,7 @@ def read_png(path) -> dict:
     if "rdbt" in raw:
         try:
             recipe = json.loads(raw["rdbt"])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested past Python's limit
             recipe = None
         if isinstance(recipe, dict) and str(recipe.get("schema", "")).startswith("rdbt.recipe/"):
             return {"source": "rdbt", "recipe": recipe, "raw": raw}
@@ -976,7 +1000,7 @@ def read_png(path) -> dict:
         if key in raw:
             try:
                 recipe = parse(json.loads(raw[key]))
-            except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
                 continue  # not a graph this reader understands; try the next source
             if recipe.get("seed") is not None or recipe.get("prompt"):
                 return {"source": "comfyui", "recipe": recipe, "raw": raw}
@@ -985,6 +1009,54 @@ def read_png(path) -> dict:
     if "prompt" in raw or "workflow" in raw:  # a graph without a sampler rdbt recognises: raw text only
         return {"source": "comfyui", "recipe": {"loras": []}, "raw": raw}
     raise OutputError(f"{path}: no generation metadata found (saved with --no-metadata, or stripped by another tool)")
+
+
+def _record_problem(key: str, value) -> str | None:
+    """What is wrong with one recorded field, for `inspect` to skip it; None when it can be shown."""
+    setting = next((s for s in SETTINGS if s.recipe == key), None)
+    if value is None:
+        return None  # not recorded (a setting that does not apply)
+    if setting is not None:
+        if setting.type is Path and isinstance(value, dict):
+            value = value.get("path") or value.get("file")
+        return setting.problem(setting.coerce(value))
+    if key in ("model", "text_encoder", "vae"):
+        ok = value is None or isinstance(value, str) or (
+            isinstance(value, dict) and all(isinstance(v, (str, int, float, type(None))) for v in value.values()))
+        return None if ok else f"{key} is neither a file name nor a file record"
+    if key == "loras":
+        if not isinstance(value, list):
+            return "loras is not a list"
+        for entry in value:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                return f"LoRA entry {str(entry)[:60]} has no name"
+            if entry.get("weight") is not None and not is_number(entry["weight"]):
+                return f"LoRA {entry['name'][:60]} weight {str(entry['weight'])[:40]} is not a number"
+        return None
+    if key == "extra" and not isinstance(value, dict):
+        return "extra is not a table"
+    return None
+
+
+def inspectable(info: dict) -> dict:
+    """read_png's result for `rdbt inspect`: every recorded field whose value breaks its rule (a wrong type, an absurd
+    number, NaN, a lone surrogate) is left out of the recipe and listed under "skipped" with the reason."""
+    recipe, skipped = {}, []
+    for key, value in (info.get("recipe") or {}).items():
+        try:
+            problem = _record_problem(key, value)
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
+            problem = f"{key}: unreadable ({exc.__class__.__name__})"
+        if problem:
+            skipped.append(f"{key} ({problem[:200]})")
+        else:
+            recipe[key] = value
+    return {**info, "recipe": recipe, "skipped": skipped}
+
+
+def printable(text: str) -> str:
+    """Text safe to print on any terminal: lone surrogates (from hostile metadata) shown as \\udcxx escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _fmt_component(c) -> str | None:
@@ -996,7 +1068,7 @@ def _fmt_component(c) -> str | None:
 
 def _fmt_input(record: dict) -> str:
     size = f"{record['width']}x{record['height']}, " if record.get("width") and record.get("height") else ""
-    digest = f"sha256 {record['sha256'][:10]}" if record.get("sha256") else "no hash"
+    digest = f"sha256 {str(record['sha256'])[:10]}" if record.get("sha256") else "no hash"
     return f"{record.get('path') or record.get('file')} ({size}{digest})"
 
 
@@ -1044,7 +1116,12 @@ def summarise(info: dict) -> str:
         add(key, value)
     for key, value in r.items():  # extra recipe keys (e.g. a batch record), shown as JSON
         if key not in _SUMMARISED and value not in (None, "", [], {}):
-            add(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+            try:
+                add(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+            except (ValueError, RecursionError):
+                info.setdefault("skipped", []).append(f"{key} (nested too deeply to show)")
+    for item in info.get("skipped") or []:
+        add("skipped", item)
     raw = info.get("raw") or {}
     if raw:
         add("chunks", ", ".join(f"{k} ({len(v.encode('utf-8'))} B)" for k, v in raw.items()))

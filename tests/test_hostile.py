@@ -3,6 +3,7 @@ readable line naming the file, a non-zero exit, no traceback, and no partial or 
 
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -279,3 +280,94 @@ def test_a_prompt_past_the_limit_is_refused_before_loading(tmp_path, spawn):
     rc, out, err = rdbt(spawn, "batch", prompts, "--out", tmp_path / "out", *TINY)
     assert rc == 1 and "line 2" in err and "shorten" in err, err
     assert len(list((tmp_path / "out").glob("*.png"))) == 1  # the good line is made
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Hostile metadata: inspect shows what it can and lists what it skipped; --from refuses before loading anything
+
+
+@pytest.fixture(scope="module")
+def made_png(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from rdbt_cli.cli import app
+
+    out = tmp_path_factory.mktemp("made") / "a.png"
+    r = CliRunner().invoke(app, ["gen", "a cat", "--seed", "3", "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _with_chunks(src, dest, **chunks):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, text in chunks.items():
+        info.add_itxt(key, text) if any(ord(c) > 255 for c in text) else info.add_text(key, text)
+    Image.open(src).save(dest, pnginfo=info)
+    return dest
+
+
+HOSTILE_FIELDS = {
+    "steps": (10**9, "at most"),
+    "steps ": ("twenty", "whole number"),
+    "width": (1_000_000, "pixels"),
+    "cfg": (float("nan"), "number"),
+    "cfg ": (float("inf"), "number"),
+    "seed": (-5, "seed"),
+    "sampler": ({"a": 1}, "sampler"),
+    "prompt": ("a \ud800 cat", "surrogate"),
+    "negative": (["a", "list"], "string"),
+    "loras": ("style", "list"),
+    "loras ": ([{"name": "x", "weight": "heavy"}], "weight"),
+    "model": (42, "model"),
+}
+
+
+@pytest.mark.parametrize("field", HOSTILE_FIELDS)
+def test_hostile_rdbt_recipe_field(made_png, tmp_path, spawn, field):
+    from PIL import Image
+
+    value, word = HOSTILE_FIELDS[field]
+    recipe = json.loads(Image.open(made_png).info["rdbt"])
+    recipe[field.strip()] = value
+    png = _with_chunks(made_png, tmp_path / "hostile.png", rdbt=json.dumps(recipe))
+    rc, out, err = rdbt(spawn, "inspect", png)
+    assert rc == 0 and "Traceback" not in err, err
+    assert re.search(rf"skipped:\s+{field.strip()} \(", out) and out.count("skipped:") == 1, out
+    rc, out, err = rdbt(spawn, "inspect", png, "--json")
+    assert rc == 0 and any(s.startswith(field.strip()) for s in json.loads(out)["skipped"]), out
+    out_dir = tmp_path / "out"
+    one_line_error(rdbt(spawn, "gen", "--from", png, "--out", out_dir, "--model", "tiny"), str(png), word)
+    assert not out_dir.exists()
+
+
+def test_deeply_nested_and_garbled_chunks(made_png, tmp_path, spawn):
+    deep = "[" * 200_000 + "]" * 200_000
+    from PIL import Image
+
+    recipe = json.loads(Image.open(made_png).info["rdbt"])
+    recipe["batch"] = json.loads("[" * 500 + "]" * 500)  # deep, but below the parser's limit: shown or skipped
+    cases = {
+        "deep_rdbt.png": {"rdbt": deep},
+        "deep_inner.png": {"rdbt": json.dumps(recipe)},
+        "deep_comfy.png": {"prompt": deep, "workflow": deep},
+        "deep_hashes.png": {"parameters": f"a cat\nSteps: 4, Sampler: Euler, CFG scale: 4, Seed: 1, Hashes: {deep}"},
+        "wrong_comfy.png": {"prompt": json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": "abc",
+                                                                                            "steps": [1]}}})},
+        "absurd_a1111.png": {"parameters": "a cat\nSteps: 1000000000, Sampler: Euler, CFG scale: nan, Seed: 1, "
+                                           "Size: 1000000x1000000"},
+    }
+    for name, chunks in cases.items():
+        png = _with_chunks(made_png, tmp_path / name, **chunks)
+        rc, out, err = rdbt(spawn, "inspect", png)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, (name, err)
+        if rc == 0:
+            rc, out, err = rdbt(spawn, "inspect", png, "--json")
+            assert rc == 0, (name, err)
+            json.loads(out)
+    for name in ("wrong_comfy.png", "absurd_a1111.png"):
+        one_line_error(rdbt(spawn, "gen", "--from", tmp_path / name, "--out", tmp_path / "o", "--model", "tiny"),
+                       name)
+    assert not (tmp_path / "o").exists()
