@@ -156,11 +156,11 @@ def run(
         source = str(model)
     vae = None
     if decode and vae_path is not None:
-        vae = engine.load_vae(vae_path, device=dev, dtype=vae_dtype(dt))
+        vae = engine.load_vae(vae_path, device=dev, dtype=vae_dtype(dt, dev))
     elif decode:
         with torch.device("meta"):
             vae = engine.WanVAE(WAN21_VAE)
-        vae = random_module(vae, dev, vae_dtype(dt))
+        vae = random_module(vae, dev, vae_dtype(dt, dev))
     _sync(dev)
     load_s = time.perf_counter() - t0
     host_after_load = host_peak_bytes()
@@ -217,6 +217,7 @@ def run(
         "model": source,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(dit.compute_dtype).replace("torch.", ""),
+        "vae_dtype": str(vae_dtype(dt, dev)).replace("torch.", "") if vae is not None else None,
         "width": width, "height": height, "steps": steps, "sampler": sampler, "scheduler": scheduler, "cfg": cfg,
         "dit_blocks": params.num_blocks, "dit_width": params.model_channels,
         "load_s": round(load_s, 3),

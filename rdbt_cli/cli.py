@@ -488,6 +488,12 @@ def bench(
         w, h = (TINY_DEFAULTS.width, TINY_DEFAULTS.height) if model == TINY else (1024, 1024)
     else:
         w, h = settings.parse_size(size)
+    from rdbt_cli.pipeline import dtype_warning, resolve_device, resolve_dtype
+
+    dev = resolve_device(device.value)
+    warning = dtype_warning(resolve_dtype(dtype.value, dev)[0], dev)
+    if warning:
+        _warn(warning)
     with Progress(1, quiet) as bar:  # on stderr: --json keeps stdout for the result
         bar.start_image("bench", steps)
         result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler,

@@ -76,9 +76,24 @@ def compile_blocks(dit) -> None:
         dit.blocks[i] = torch.compile(block)
 
 
-def vae_dtype(dt: torch.dtype) -> torch.dtype:
-    # The Wan VAE overflows in fp16, so an fp16 run decodes in fp32.
-    return torch.float32 if dt == torch.float16 else dt
+def emulated_bf16(dt: torch.dtype, device: torch.device) -> bool:
+    """bf16 on a CPU that has no bf16 instructions: PyTorch emulates it, several times slower than fp32 for the DiT's
+    matrix products and tens of times slower for the VAE's convolutions (bench/cpu_dtype.py)."""
+    return dt == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16()
+
+
+def vae_dtype(dt: torch.dtype, device: torch.device) -> torch.dtype:
+    # The Wan VAE overflows in fp16, and emulated bf16 convolutions take minutes for one decode: both decode in fp32.
+    return torch.float32 if dt == torch.float16 or emulated_bf16(dt, device) else dt
+
+
+def dtype_warning(dt: torch.dtype, device: torch.device) -> str | None:
+    """What to tell a user who asked for a dtype this device only emulates."""
+    if not emulated_bf16(dt, device):
+        return None
+    return ("this CPU has no bf16 instructions (AVX512-BF16 or AMX), so --dtype bf16 is emulated: each DiT step takes "
+            "several times as long as with fp32 (the VAE decodes in fp32); --dtype auto, fp32 here, is faster, bf16 "
+            "only halves the DiT's memory")
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool]:
@@ -133,7 +148,7 @@ class Models:
         if compile:
             compile_blocks(dit)
         _loading(callback, "VAE", paths.vae)
-        vae = engine.load_vae(paths.vae, device=dev, dtype=vae_dtype(dt))
+        vae = engine.load_vae(paths.vae, device=dev, dtype=vae_dtype(dt, dev))
         eng = cls(dit=dit, text_encoder=te, vae=vae, tokenizer=tok, device=dev, dtype=dt, paths=paths,
                   low_vram=low_vram)
         eng.timings["load_s"] = time.perf_counter() - t0

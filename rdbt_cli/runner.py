@@ -102,6 +102,9 @@ class Runner:
             self.hashes.start(paths.dit, paths.text_encoder, paths.vae)
         self.models = pipeline.Models.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram,
                                            attention=load.attention, compile=load.compile, callback=callback)
+        warning = pipeline.dtype_warning(self.models.dtype, self.models.device)
+        if warning:
+            self.on_warning(warning)
         self._stack: Optional[list] = None
         self._noted: set = set()
         self.made = 0

@@ -95,3 +95,24 @@ def test_bench_reports_its_stages_and_steps():
     events = []
     bench.run(model="tiny", width=32, height=32, steps=2, device="cpu", callback=events.append)
     assert [e.get("stage", "step") for e in events] == ["load", "sample", "step", "step", "decode", "gemm"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once_and_decodes_in_fp32(monkeypatch, native):
+    import torch
+
+    from rdbt_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: native)
+    warnings = []
+    jobs, load, paths = plan("x", LoadParams(model="tiny", device="cpu", dtype="bf16"), steps=1, width=32, height=32,
+                             count=2)
+    runner = Runner(load, paths, on_warning=warnings.append)
+    made = [runner.run(job) for job in jobs]
+    assert next(runner.models.dit.parameters()).dtype == torch.bfloat16  # the DiT computes as asked
+    vae = next(runner.models.vae.parameters()).dtype
+    if native:
+        assert vae == torch.bfloat16 and warnings == []
+    else:  # emulated bf16 convolutions take minutes per decode; fp32 takes seconds
+        assert vae == torch.float32 and len(warnings) == 1 and "--dtype auto" in warnings[0]
+    assert all(m.recipe["dtype"] == "bfloat16" for m in made)
