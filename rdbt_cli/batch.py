@@ -237,9 +237,22 @@ class Manifest:
     """This rank's append-only record of finished jobs; one fsync'd line per image."""
 
     def __init__(self, out_dir: str | os.PathLike, batch: str, rank: int = 0):
+        from filelock import FileLock, Timeout
+
         self.path = manifest_path(out_dir, batch, rank)
+        # One writer per manifest: a second `rdbt batch` of the same file and flags into the same folder would make
+        # the same images again (torchrun ranks have manifests of their own).
+        self._lock = FileLock(self.path.with_name(self.path.name + ".lock"))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise OutputError(f"{self.path.parent}: another rdbt batch is already making this batch here (rank "
+                              f"{rank}); wait for it to finish, then run the same command to resume") from None
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write the batch manifest ({e.strerror}); check the output "
+                              "folder's permissions") from None
+        try:
             self._f = open(self.path, "ab")
             # A crash can leave a torn last line; start on a fresh line so the next record is not glued to it.
             if self._f.tell() > 0:
@@ -248,6 +261,7 @@ class Manifest:
                     if r.read(1) != b"\n":
                         self._f.write(b"\n")
         except OSError as e:
+            self._lock.release()
             raise OutputError(f"{self.path}: cannot write the batch manifest ({e.strerror}); check the output "
                               "folder's permissions") from None
 
@@ -261,6 +275,7 @@ class Manifest:
 
     def close(self) -> None:
         self._f.close()
+        self._lock.release()
 
     def __enter__(self) -> Manifest:
         return self

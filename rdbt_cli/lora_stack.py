@@ -9,7 +9,10 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from rdbt_cli.config import LoraSpec, user_dir
 from rdbt_cli.discovery import PICKLE_SUFFIXES, classify
@@ -81,6 +84,23 @@ def save_stack(specs: list[LoraSpec]) -> Path:
     return path
 
 
+@contextmanager
+def _editing():
+    """One editor at a time: parallel `lora-stack` commands (scripts, several terminals) each read the stack another
+    has finished writing, so no update is lost; the write itself is an atomic replace."""
+    path = stack_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(f".{path.name}.lock"), timeout=60):
+            yield
+    except Timeout:
+        raise LoraError(f"{path}: another rdbt has been editing the LoRA stack for a minute; try again when it is "
+                        "done") from None
+    except OSError as exc:
+        raise LoraError(f"{path}: cannot lock the LoRA stack ({exc.strerror}); check that the folder is "
+                        "writable") from None
+
+
 def _names(spec: LoraSpec) -> tuple[str, ...]:
     """What an entry answers to: its name, and for a file given by path its file name and stem as well."""
     if not _looks_like_path(spec.name):
@@ -120,14 +140,15 @@ def add(spec: LoraSpec, lora_dirs: list[str | os.PathLike] | None = None) -> lis
             check_lora_file(Path(spec.name))
         else:
             check_lora_file(resolve_lora_name(spec.name, lora_dirs))
-    specs = load_stack()
-    for i, s in enumerate(specs):
-        if s.name == spec.name:
-            specs[i] = spec
-            break
-    else:
-        specs.append(spec)
-    save_stack(specs)
+    with _editing():
+        specs = load_stack()
+        for i, s in enumerate(specs):
+            if s.name == spec.name:
+                specs[i] = spec
+                break
+        else:
+            specs.append(spec)
+        save_stack(specs)
     return specs
 
 
@@ -148,22 +169,25 @@ def check_lora_file(path: Path) -> None:
 
 
 def set_weight(name: str, weight: float) -> list[LoraSpec]:
-    specs = load_stack()
-    i = _find(specs, name)
-    specs[i] = LoraSpec(specs[i].name, _check_weight(name, weight))
-    save_stack(specs)
+    with _editing():
+        specs = load_stack()
+        i = _find(specs, name)
+        specs[i] = LoraSpec(specs[i].name, _check_weight(name, weight))
+        save_stack(specs)
     return specs
 
 
 def remove(name: str) -> list[LoraSpec]:
-    specs = load_stack()
-    del specs[_find(specs, name)]
-    save_stack(specs)
+    with _editing():
+        specs = load_stack()
+        del specs[_find(specs, name)]
+        save_stack(specs)
     return specs
 
 
 def clear() -> list[LoraSpec]:
-    save_stack([])
+    with _editing():
+        save_stack([])
     return []
 
 

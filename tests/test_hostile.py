@@ -371,3 +371,66 @@ def test_deeply_nested_and_garbled_chunks(made_png, tmp_path, spawn):
         one_line_error(rdbt(spawn, "gen", "--from", tmp_path / name, "--out", tmp_path / "o", "--model", "tiny"),
                        name)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Shared state under concurrency
+
+
+def test_parallel_lora_stack_edits_lose_no_update(tmp_path, spawn):
+    import subprocess
+    import time
+
+    files = []
+    for i in range(8):
+        files.append(tmp_path / f"style{i}.safetensors")
+        save_file(_lora(), str(files[-1]))
+    procs = [spawn.popen([*RDBT, "lora-stack", "--add", f"{f}:0.{i + 1}"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE) for i, f in enumerate(files)]
+    deadline = time.monotonic() + 120
+    for proc in procs:
+        proc.wait(max(1.0, deadline - time.monotonic()))
+        assert proc.returncode == 0, proc.stderr.read()
+    rc, out, err = rdbt(spawn, "lora-stack", "--json")
+    assert rc == 0, err
+    assert sorted(e["name"] for e in json.loads(out)) == sorted(map(str, files))
+    stack_dir = Path(os.environ["RDBT_HOME"])
+    assert not [p for p in stack_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_second_batch_into_the_same_folder_waits_its_turn(tmp_path, spawn):
+    import subprocess
+    import time
+
+    from PIL import Image
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one --count 300\n")
+    out = tmp_path / "out"
+    first = spawn.popen([*RDBT, "batch", prompts, "--out", out, *TINY], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.png")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first batch ended before the second could start"
+    one_line_error(rdbt(spawn, "batch", prompts, "--out", out, *TINY), str(out), "already", "resume")
+    spawn.kill()
+    jobs = [json.loads(Image.open(p).info["rdbt"])["batch"]["job"] for p in out.glob("*.png")]
+    assert jobs and len(jobs) == len(set(jobs))  # no image made twice
+
+
+def test_a_hash_cache_with_wrong_typed_entries_is_rewritten(tmp_path, spawn):
+    from rdbt_cli.tiny import ensure_tiny_models
+
+    models = Path(ensure_tiny_models().dit).parent
+    cache = Path(os.environ["RDBT_HOME"]) / "hashes.json"
+    entries = {str(p.resolve()): bad for p, bad in zip(sorted(models.iterdir()), ["x", {"sha256": 5, "size": "big"}])}
+    cache.write_text(json.dumps({"version": 1, "files": {**entries, "junk": [1, 2]}}))
+    rc, out, err = rdbt(spawn, "models", "--models-dir", models, "--hash", "--json")
+    assert rc == 0 and "Traceback" not in err, err
+    assert all(len(row["hash"] or "") == 10 for row in json.loads(out)), out
+    files = json.loads(cache.read_text())["files"]
+    assert all(isinstance(files[k], dict) and isinstance(files[k]["sha256"], str) for k in entries)
+    cache.write_text('{"version": 1, "files": ' + "[" * 100_000)  # torn and deep: a miss, not a crash
+    rc, out, err = rdbt(spawn, "models", "--models-dir", models, "--hash", "--json")
+    assert rc == 0, err
