@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from rdbt_cli.errors import ConfigError, OutputError, RdbtError
+from rdbt_cli.errors import ConfigError, OutputError, RdbtError, io_problem
 from rdbt_cli.settings import SETTINGS, SIZE_FLAG, GenParams, parse_size
 
 # A batch line may override every setting the table marks `batch`, with its flags, plus --preset and --size.
@@ -268,9 +268,14 @@ class Manifest:
     def add(self, job: Task | str, file: str, seed: int, **extra) -> dict:
         """Record a finished image; call after its file is safely written."""
         record = {"job": job.key if isinstance(job, Task) else job, "file": str(file), "seed": int(seed), **extra}
-        self._f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            # The image is saved; the next run finds it by its recorded batch job and records it (_already_saved).
+            raise OutputError(f"{self.path}: cannot record {file} in the batch manifest: {io_problem(e)}, then run "
+                              "the same command to resume") from None
         return record
 
     def close(self) -> None:

@@ -1,5 +1,18 @@
 """User-facing errors. The CLI prints `str(err)` as one line and exits with `err.exit_code`."""
 
+import errno
+
+
+def io_problem(e: OSError) -> str:
+    """An OSError as what the user can do about it: a full disk says to free space, not just "errno 28"."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (or over quota); free some space there"
+    if e.errno == errno.EROFS:
+        return "the file system is read-only; choose a writable folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; check the folder's permissions"
+    return f"{e.strerror or e}; check free space and permissions"
+
 
 class RdbtError(Exception):
     exit_code = 1

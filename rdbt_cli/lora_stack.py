@@ -16,7 +16,7 @@ from filelock import FileLock, Timeout
 
 from rdbt_cli.config import LoraSpec, user_dir
 from rdbt_cli.discovery import PICKLE_SUFFIXES, classify
-from rdbt_cli.errors import LoraError
+from rdbt_cli.errors import LoraError, io_problem
 
 STACK_FILE = "lora_stack.json"
 STACK_VERSION = 1
@@ -78,9 +78,7 @@ def save_stack(specs: list[LoraSpec]) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise LoraError(
-            f"{path}: cannot save the LoRA stack ({exc.strerror}); check that the folder is writable"
-        ) from None
+        raise LoraError(f"{path}: cannot save the LoRA stack: {io_problem(exc)}") from None
     return path
 
 

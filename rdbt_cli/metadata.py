@@ -47,7 +47,7 @@ from pathlib import Path
 
 from rdbt_cli import __version__
 from rdbt_cli.config import LoraSpec
-from rdbt_cli.errors import ConfigError, OutputError
+from rdbt_cli.errors import ConfigError, OutputError, io_problem
 from rdbt_cli.settings import BY_NAME, DEFAULT_SHIFT, SETTINGS, GenParams, check_all, hires_size, is_number
 
 SCHEMA = "rdbt.recipe/1"
@@ -907,9 +907,7 @@ def save_png(pixels, dest, recipe: dict | None = None, *, metadata: bool = True,
             os.fsync(f.fileno())
         return _claim(tmp, folder, stem)
     except OSError as e:
-        raise OutputError(
-            f"{folder}: could not write the image ({e.strerror or e}); check free space and permissions"
-        ) from None
+        raise OutputError(f"{folder}: could not write the image: {io_problem(e)}") from None
     finally:
         try:
             os.unlink(tmp)

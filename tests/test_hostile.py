@@ -434,3 +434,59 @@ def test_a_hash_cache_with_wrong_typed_entries_is_rewritten(tmp_path, spawn):
     cache.write_text('{"version": 1, "files": ' + "[" * 100_000)  # torn and deep: a miss, not a crash
     rc, out, err = rdbt(spawn, "models", "--models-dir", models, "--hash", "--json")
     assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Disk full: the message names the file and says to free space; what was made stays recorded; a resume completes
+
+# rdbt with every fsync after the first FAIL_AFTER failing as a full disk does (fsync is where a full disk shows up
+# on many file systems; every file rdbt must not lose is fsync'd).
+DISK_FULL = """
+import errno, os, sys
+real, calls = os.fsync, [0]
+def fsync(fd):
+    calls[0] += 1
+    if calls[0] > int(os.environ["FAIL_AFTER"]):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fd)
+os.fsync = fsync
+sys.argv[0] = "rdbt"
+from rdbt_cli.cli import app
+app()
+"""
+
+
+def _png_jobs(out):
+    from PIL import Image
+
+    return [json.loads(Image.open(p).info["rdbt"])["batch"]["job"] for p in sorted(out.glob("*.png"))]
+
+
+@pytest.mark.parametrize("fail_after", [0, 3])
+def test_disk_full_during_a_batch_then_resume(tmp_path, spawn, fail_after):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one --count 4\n")
+    out = tmp_path / "out"
+    proc = spawn.popen([sys.executable, "-c", DISK_FULL, "batch", prompts, "--out", out, *TINY], stdout=-1, stderr=-1,
+                       env={**os.environ, "FAIL_AFTER": str(fail_after), "COLUMNS": "400"})
+    _, err = proc.communicate(timeout=180)
+    err = err.decode()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "the disk is full" in err and "free some space" in err, err
+    assert str(out) in err, err
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    made = _png_jobs(out)
+    assert len(made) == len(set(made)) <= 2
+    rc, _, err = rdbt(spawn, "batch", prompts, "--out", out, *TINY)
+    assert rc == 0, err
+    jobs = _png_jobs(out)
+    assert len(jobs) == 4 and len(set(jobs)) == 4  # the resume made only what was missing
+
+
+def test_disk_full_for_gen(tmp_path, spawn):
+    env = {**os.environ, "FAIL_AFTER": "0"}
+    proc = spawn.popen([sys.executable, "-c", DISK_FULL, "gen", "x", "--out", tmp_path / "o", *TINY], stdout=-1,
+                       stderr=-1, env=env)
+    _, err = proc.communicate(timeout=180)
+    one_line_error((proc.returncode, "", err.decode()), str(tmp_path / "o"), "disk is full", "free some space")
+    assert not list((tmp_path / "o").iterdir())
