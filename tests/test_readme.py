@@ -35,3 +35,19 @@ def test_the_main_job_command_runs(tmp_path):
     r = subprocess.run(shlex.split(main_job), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_cpu_only_torch_route_is_documented_with_sizes():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Installing torch", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    cpu = [line for block in blocks for line in block.splitlines() if "download.pytorch.org/whl/cpu" in line]
+    assert cpu and cpu[0].startswith("python -m pip install torch --index-url")
+    assert "GB" in section and "MiB" in section  # how big each route is
+    # the quick start points there, and keeps its two commands
+    assert "CPU build first" in text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+
+
+def test_outputs_are_not_committed_by_accident():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "outputs/" in ignored or "/outputs/" in ignored  # where gen and batch write by default
