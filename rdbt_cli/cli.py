@@ -11,6 +11,7 @@ import functools
 import inspect as pyinspect
 import json
 import os
+import signal
 import sys
 import time
 from enum import Enum
@@ -23,7 +24,7 @@ from typer.core import TyperGroup
 from rdbt_cli import __version__, completion, console, settings
 from rdbt_cli.console import Progress
 from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
-from rdbt_cli.errors import ConfigError, RdbtError
+from rdbt_cli.errors import ConfigError, RdbtError, Terminated
 
 class _Commands(TyperGroup):
     """`--debug` works after the subcommand too (`rdbt gen ... --debug`): it is moved in front of it."""
@@ -62,18 +63,35 @@ _INTERRUPTED = {
 }
 
 
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (finally blocks remove temp files), then exit with 128 + the signal."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (CliRunner in a thread)
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, handler)
+
+
 def friendly_errors(fn):
     """Every user mistake is one readable line and a non-zero exit code; --debug shows the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _terminate_like_ctrl_c()
         try:
             return fn(*args, **kwargs)
         except (RdbtError, KeyboardInterrupt, OSError, MemoryError) as err:
             if _state["debug"]:
                 raise
             if isinstance(err, KeyboardInterrupt):
-                message, code = _INTERRUPTED.get(fn.__name__, "interrupted"), 130
+                signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+                message, code = _INTERRUPTED.get(fn.__name__, "interrupted"), 128 + signum
             else:
                 message, code = f"error: {err}", getattr(err, "exit_code", 1)
             typer.echo(message, err=True)

@@ -14,6 +14,15 @@ def io_problem(e: OSError) -> str:
     return f"{e.strerror or e}; check free space and permissions"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (timeout, systemd, Docker, Slurm, a closed terminal), unwound like Ctrl-C: temp files are
+    removed on the way out, and the exit code is 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class RdbtError(Exception):
     exit_code = 1
 

@@ -830,10 +830,50 @@ def _ensure_folder(folder: Path):
         raise OutputError(f"{folder}: is not a folder; choose another output folder")
 
 
+_TEMP_OWNER = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]{12}\.tmp$")
+_swept: set[Path] = set()
+
+
+def _sweep_stale_temps(folder: Path) -> None:
+    """Remove the temp files that processes of this machine left when they were killed (SIGKILL, a crash), once per
+    folder and process. A temp file's name carries its writer's host and pid; another host's files are left alone
+    (a shared output folder), and so are those of processes that still run."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    host = _host()
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP_OWNER.match(name)
+        if not m or m["host"] != host:
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:  # running under another user, or unknowable: keep it
+            continue
+        try:
+            os.unlink(folder / name)
+        except OSError:
+            pass
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
 def _new_temp(folder: Path, stem: str) -> tuple[int, Path]:
     # O_EXCL with a random name: no clash between writers, and the umask applies (mkstemp would force 0600).
+    _sweep_stale_temps(folder)
     for _ in range(100):
-        tmp = folder / f".{stem}.{secrets.token_hex(6)}.tmp"
+        tmp = folder / f".{stem}.{_host()}-{os.getpid()}-{secrets.token_hex(6)}.tmp"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:

@@ -490,3 +490,67 @@ def test_disk_full_for_gen(tmp_path, spawn):
     _, err = proc.communicate(timeout=180)
     one_line_error((proc.returncode, "", err.decode()), str(tmp_path / "o"), "disk is full", "free some space")
     assert not list((tmp_path / "o").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. SIGTERM and SIGHUP behave like Ctrl-C; stale temp files of killed processes are removed by the next run
+
+
+def _wait_for_pngs(out, n, proc, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob("*.png"))) < n and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before the signal"
+
+
+@pytest.mark.parametrize("signame, command", [("SIGTERM", "gen"), ("SIGHUP", "batch")])
+def test_termination_signals_unwind_like_ctrl_c(tmp_path, spawn, signame, command):
+    import signal
+
+    out = tmp_path / "out"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one --count 12\n")
+    args = ["gen", "x", "--count", "300"] if command == "gen" else ["batch", prompts]
+    proc = spawn.popen([*RDBT, *args, "--out", out, *TINY], stdout=-1, stderr=-1)
+    _wait_for_pngs(out, 2, proc)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 128 + getattr(signal, signame), err
+    assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    if command == "batch":
+        recorded = [json.loads(line)["file"] for m in out.glob(".rdbt-batch-*.jsonl") for line in m.open()]
+        assert recorded and all((out / f).exists() for f in recorded)  # the manifest names only finished images
+        rc, _, err = rdbt(spawn, "batch", prompts, "--out", out, *TINY)
+        assert rc == 0, err
+        jobs = _png_jobs(out)
+        assert len(jobs) == 12 and len(set(jobs)) == 12
+
+
+def test_stale_temps_of_dead_processes_are_removed_by_the_next_run(tmp_path, spawn):
+    import signal
+    import subprocess
+
+    from rdbt_cli.metadata import _host
+
+    out = tmp_path / "out"
+    proc = spawn.popen([*RDBT, "gen", "x", "--count", "300", "--out", out, *TINY], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    _wait_for_pngs(out, 1, proc)
+    dead = spawn.popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    stale = out / f".x-0001.{_host()}-{dead.pid}-0123456789ab.tmp"
+    mine = out / f".x-0002.{_host()}-{os.getpid()}-0123456789ab.tmp"  # a live writer's
+    other = out / f".x-0003.otherhost-{dead.pid}-0123456789ab.tmp"  # another machine's, on a shared folder
+    for p in (stale, mine, other):
+        p.write_bytes(b"half a png")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    left = [p for p in out.iterdir() if p.name.endswith(".tmp") and p not in (mine, other, stale)]
+    rc, _, err = rdbt(spawn, "gen", "y", "--out", out, *TINY)
+    assert rc == 0, err
+    assert not stale.exists() and mine.exists() and other.exists()
+    assert not any(p.exists() for p in left)  # whatever the killed run left is gone too
