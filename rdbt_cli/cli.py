@@ -533,13 +533,13 @@ def bench(
 @friendly_errors
 def download(
     models_dir: Annotated[Optional[str], typer.Option(help="Where to put the files (ComfyUI layout).")] = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="dit, te, vae or tokenizers (repeatable).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", metavar="PART", autocompletion=completion.choices(("dit", "te", "vae", "tokenizers", "turbo-lora")), help="dit, te, vae, tokenizers or turbo-lora (the official Turbo LoRA, for the turbo preset); repeatable. Default: all but turbo-lora.")] = None,
 ):
-    """Fetch the official Anima files and tokenizers from Hugging Face (resumable)."""
+    """Fetch the official Anima files and tokenizers from Hugging Face (resumable) into rdbt's data folder
+    (~/.local/share/rdbt/models), where model discovery finds them."""
     from rdbt_cli import discovery
 
-    # Default: rdbt's own models folder, which model discovery searches too.
     target = models_dir or os.environ.get("RDBT_MODELS", "").split(os.pathsep)[0] or discovery.default_models_dir()
-    comps = tuple(only) if only else ("dit", "te", "vae", "tokenizers")
+    comps = tuple(only) if only else discovery.DEFAULT_DOWNLOAD
     for path in discovery.download_official(Path(target), comps):
         typer.echo(str(path))

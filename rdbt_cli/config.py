@@ -23,6 +23,15 @@ def user_dir() -> Path:
     return Path(base) / "rdbt"
 
 
+def data_dir() -> Path:
+    """Where rdbt keeps large files it fetches (downloaded models): $XDG_DATA_HOME/rdbt, by default ~/.local/share/rdbt,
+    not the config folder. `RDBT_HOME` relocates this too."""
+    if os.environ.get("RDBT_HOME"):
+        return Path(os.environ["RDBT_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "rdbt"
+
+
 @dataclass(frozen=True)
 class AdapterParams:
     """LLM adapter (anima/model.py LLMAdapter). Released: 1024/1024/1024, 6 layers, 16 heads, vocab 32128."""

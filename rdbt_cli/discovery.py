@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Iterable, Mapping, Sequence
 
-from rdbt_cli.config import user_dir
+from rdbt_cli.config import data_dir, user_dir
 from rdbt_cli.errors import CheckpointError, ConfigError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -527,8 +527,9 @@ _YAML_KINDS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip
 
 
 def default_models_dir() -> Path:
-    """Where `rdbt download` puts files when no folder is named; searched last."""
-    return user_dir() / "models"
+    """Where `rdbt download` puts files when no folder is named (the data folder, not the config one); searched last,
+    after the config folder's models/ where earlier versions downloaded to."""
+    return data_dir() / "models"
 
 
 def models_dirs(
@@ -575,7 +576,7 @@ def models_dirs(
         if yaml_path.is_file():
             found.extend(extra_model_paths(yaml_path))
     found.extend(Path(r) / "models" for r in a1111_roots)
-    found.append(default_models_dir())
+    found += [default_models_dir(), user_dir() / "models"]
     return dedupe(found)
 
 
@@ -937,10 +938,14 @@ OFFICIAL_FILES = {
         ("Qwen/Qwen3-0.6B-Base", "tokenizer.json", "tokenizers/qwen"),
         ("google-t5/t5-base", "tokenizer.json", "tokenizers/t5"),
     ],
+    # The official Turbo LoRA, which the `turbo` preset applies at 0.3.
+    "turbo-lora": [("circlestone-labs/Anima-Official-LoRAs", "anima-turbo-lora-v0.2.safetensors", "loras")],
 }
+DOWNLOAD_PARTS = ("dit", *OFFICIAL_FILES)
+DEFAULT_DOWNLOAD = ("dit", "te", "vae", "tokenizers")
 
 
-def official_plan(components: Sequence[str] = ("dit", "te", "vae", "tokenizers"), variant: str = "base"):
+def official_plan(components: Sequence[str] = DEFAULT_DOWNLOAD, variant: str = "base"):
     """[(repo, file in repo, folder under models_dir)] for the chosen components."""
     plan = []
     for comp in components:
@@ -951,13 +956,36 @@ def official_plan(components: Sequence[str] = ("dit", "te", "vae", "tokenizers")
         elif comp in OFFICIAL_FILES:
             plan.extend(OFFICIAL_FILES[comp])
         else:
-            raise ConfigError(f"unknown component {comp!r} to download; choose from dit, te, vae, tokenizers")
+            raise ConfigError(f"unknown component {comp!r} to download; choose from {', '.join(DOWNLOAD_PARTS)}")
     return plan
+
+
+def check_network(endpoint: str | None = None, timeout: float = 5.0) -> None:
+    """Raise a one-line error at once when Hugging Face (or the proxy in between) cannot be reached, instead of letting
+    huggingface_hub retry for half a minute and fail with a page of chatter."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise CheckpointError("HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it, or copy the files into the "
+                              "models folder by hand")
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    url = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        reason = f"no answer in {timeout:g} s" if isinstance(err, TimeoutError) else err.strerror or type(err).__name__
+        via = f"the proxy {url.hostname}:{port}" if proxy else endpoint
+        raise CheckpointError(f"cannot reach {via} ({reason}); rdbt download needs the network: check the connection "
+                              "or proxy and run it again (finished files are kept)") from None
 
 
 def download_official(
     models_dir: str | os.PathLike,
-    components: Sequence[str] = ("dit", "te", "vae", "tokenizers"),
+    components: Sequence[str] = DEFAULT_DOWNLOAD,
     *,
     variant: str = "base",
 ) -> list[Path]:
@@ -969,9 +997,13 @@ def download_official(
     plan = official_plan(components, variant)
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hf_logging
     except ImportError:
         raise ConfigError("downloads need huggingface_hub: pip install huggingface_hub") from None
     root = Path(models_dir).expanduser()
+    if not all((root / folder / Path(name).name).is_file() for _, name, folder in plan):
+        check_network()
+    hf_logging.set_verbosity_error()  # its retry warnings; a failure still ends in one line below
     out = []
     for repo, filename, folder in plan:
         target = root / folder / Path(filename).name
@@ -984,7 +1016,7 @@ def download_official(
             got = Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=staging))
             os.replace(got, target)
         except Exception as err:  # network, auth, disk: all reach the user as one line
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            first = " ".join(str(err).split())[:200] or type(err).__name__
             raise CheckpointError(
                 f"download of {repo}/{filename} into {target.parent} failed: {first}; "
                 "check the connection (and HF_TOKEN if the repo asks for it), then run `rdbt download` again to resume"

@@ -17,6 +17,30 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+_LOCAL = ("127.0.0.1", "::1", "localhost", "0.0.0.0", "")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    # Tests never touch the network: a name lookup or connection beyond this machine fails at once, as offline.
+    import socket
+
+    lookup, connect = socket.getaddrinfo, socket.socket.connect
+
+    def local_lookup(host, *args, **kwargs):
+        if (host.decode() if isinstance(host, bytes) else str(host or "")) not in _LOCAL:
+            raise socket.gaierror(socket.EAI_NONAME, "tests must not touch the network")
+        return lookup(host, *args, **kwargs)
+
+    def local_connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in _LOCAL:
+            raise OSError(101, "tests must not touch the network")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_lookup)
+    monkeypatch.setattr(socket.socket, "connect", local_connect)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_state(tmp_path_factory, monkeypatch):
     # One env var relocates all user state (presets, LoRA stack, caches), so tests never touch the real home.

@@ -497,6 +497,7 @@ def test_download_official_layout(tmp_path, monkeypatch):
         return str(out)
 
     monkeypatch.setattr(hub, "hf_hub_download", fake)
+    monkeypatch.setattr(discovery, "check_network", lambda: None)  # the HTTP layer is mocked: say the network is up
     got = discovery.download_official(tmp_path / "m")
     rel = sorted(p.relative_to(tmp_path / "m").as_posix() for p in got)
     assert rel == [
@@ -525,6 +526,7 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
         raise OSError("Connection refused\nTraceback noise")
 
     monkeypatch.setattr(hub, "hf_hub_download", boom)
+    monkeypatch.setattr(discovery, "check_network", lambda: None)
     with pytest.raises(RdbtError) as err:
         discovery.download_official(tmp_path / "m", ("vae",))
     msg = str(err.value)
@@ -534,6 +536,63 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
         discovery.download_official(tmp_path / "m", ("dit",), variant="nope")
     with pytest.raises(ConfigError, match="unknown component"):
         discovery.download_official(tmp_path / "m", ("unet",))
+
+
+def test_offline_download_is_one_line_at_once(tmp_path, monkeypatch):
+    import socket
+
+    hub = pytest.importorskip("huggingface_hub")
+
+    def never(**kw):
+        raise AssertionError("no download may start when the network is down")
+
+    monkeypatch.setattr(hub, "hf_hub_download", never)
+    # offline: the name lookup fails (conftest blocks the network, as a machine without one does)
+    with pytest.raises(RdbtError) as err:
+        discovery.download_official(tmp_path / "m", ("tokenizers",))
+    assert str(err.value).startswith("cannot reach https://huggingface.co (") and "\n" not in str(err.value)
+    # a server that refuses: a closed port on this machine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(RdbtError, match=f"cannot reach http://127.0.0.1:{port} \\(Connection refused\\)"):
+        discovery.download_official(tmp_path / "m", ("vae",))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RdbtError, match="HF_HUB_OFFLINE"):
+        discovery.download_official(tmp_path / "m", ("vae",))
+    # files already in place need no network at all
+    (tmp_path / "m" / "vae").mkdir(parents=True)
+    (tmp_path / "m" / "vae" / "qwen_image_vae.safetensors").write_bytes(b"x")
+    assert discovery.download_official(tmp_path / "m", ("vae",)) == [tmp_path / "m" / "vae" / "qwen_image_vae.safetensors"]
+
+
+def test_downloads_go_to_the_data_folder_and_the_turbo_lora_is_one(tmp_path, monkeypatch):
+    from rdbt_cli.lora_stack import resolve_lora_name
+
+    monkeypatch.delenv("RDBT_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert discovery.default_models_dir() == tmp_path / "data" / "rdbt" / "models"  # not the config folder
+    old = tmp_path / "config" / "rdbt" / "models"  # where earlier versions downloaded: still searched
+    for d in (discovery.default_models_dir(), old):
+        d.mkdir(parents=True)
+    assert models_dirs(None, {}, home=tmp_path, comfy_roots=[], a1111_roots=[]) == [discovery.default_models_dir(), old]
+    assert discovery.official_plan(["turbo-lora"]) == [
+        ("circlestone-labs/Anima-Official-LoRAs", "anima-turbo-lora-v0.2.safetensors", "loras")]
+    hub = pytest.importorskip("huggingface_hub")
+
+    def fake(repo_id, filename, local_dir, **kw):
+        out = Path(local_dir) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"lora")
+        return str(out)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake)
+    monkeypatch.setattr(discovery, "check_network", lambda: None)
+    (got,) = discovery.download_official(discovery.default_models_dir(), ("turbo-lora",))
+    # the turbo preset's LoRA name now resolves in the default folders
+    assert resolve_lora_name("anima-turbo-lora-v0.2", [discovery.default_models_dir() / "loras"]) == got
 
 
 def test_discovery_never_imports_torch():
