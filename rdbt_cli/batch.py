@@ -9,9 +9,13 @@ character (Windows paths and ComfyUI's backslash escapes need no doubling):
 The prompt is the raw text before the first ` --flag` (or ` -n`), so apostrophes, backslash escapes and `(tag:1.2)`
 weights in prompts are kept exactly as written; only the overrides go through shlex.
 
-Resume: a job is one image, keyed by (line number, hash of the line text, image index). Each rank appends the jobs it
-finished to its own `.rdbt-batch-<batch id>.rank<R>.jsonl` in the output folder, one fsync'd JSON line per image, so
-ranks never write the same file and a crash loses at most the image being written. No torch here.
+Resume: a job is one image, keyed by what makes it: the hash of its line's fully resolved settings (batch-wide flags,
+preset, LoRA stack and the line's own overrides; its seed, which a line without --seed takes from its prompt) and
+its index within --count. So a rerun makes only what is missing, and after an edit only the changed or new lines run:
+every other image is reused, wherever its line moved. Each rank appends the jobs it finished to its own
+`.rdbt-batch-jobs.rank<R>.jsonl` in the output folder, one fsync'd JSON line per image, so ranks never write the same
+file and a crash loses at most the image being written. (Manifests of earlier versions, keyed by line number and named
+after the whole file's hash, still resume the batch that wrote them.) No torch here.
 """
 
 from __future__ import annotations
@@ -50,13 +54,13 @@ class BatchLine:
 @dataclass(frozen=True)
 class Task:
     lineno: int
-    line_hash: str
+    identity: str  # what makes the line's images: its resolved settings' hash
     index: int  # image index within the line's --count; seed = line seed + index
     ordinal: int  # position among all jobs of the batch, done or not
 
     @property
     def key(self) -> str:
-        return f"{self.lineno}:{self.line_hash}:{self.index}"
+        return f"{self.identity}:{self.index}"
 
 
 def line_hash(text: str) -> str:
@@ -183,8 +187,22 @@ def read_batch_source(path_or_dash: str | os.PathLike) -> str:
 
 
 def line_seed(batch: str, lineno: int) -> int:
-    """A seed for a line that gives none, fixed by the batch content, so a resumed line continues its seed series."""
+    """A seed for a line that gives none, fixed by the batch content, so a resumed line continues its seed series.
+    (How earlier versions seeded; kept for resuming their batches.)"""
     return int.from_bytes(hashlib.sha256(f"{batch}:{lineno}".encode()).digest()[:4], "big")
+
+
+def text_seed(prompt: str, occurrence: int = 0) -> int:
+    """A seed for a line that gives none, fixed by its prompt (and which line with that prompt it is), so editing,
+    adding or moving other lines, changing its own overrides or the batch-wide flags keeps it."""
+    return int.from_bytes(hashlib.sha256(f"{prompt.strip()}\0{occurrence}".encode()).digest()[:4], "big")
+
+
+def job_identity(settings: GenParams, model, load) -> str:
+    """The hash of everything that makes a line's images, but not how many (--count)."""
+    made_of = {**vars(settings), "count": None, "model": model, "text_encoder": load.text_encoder, "vae": load.vae,
+               "dtype": load.dtype}
+    return hashlib.sha256(json.dumps(made_of, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,8 +215,12 @@ def plan_jobs(
     rank: int = 0,
     world: int = 1,
     done: Mapping[str, object] | None = None,
+    identities: Mapping[int, str] | None = None,
 ) -> list[Task]:
     """This rank's jobs, in file order, without those already done.
+
+    `identities` gives each line's job identity by line number (job_identity); without it, a line is identified by
+    its number and text.
 
     `resolved_counts` gives each line's image count, aligned with `lines` or keyed by line number; bad lines make no
     jobs. Every job of the batch, done or not, gets an ordinal, and rank r makes the jobs with ordinal % world == r.
@@ -220,13 +242,17 @@ def plan_jobs(
     for line, count in zip(lines, counts):
         if line.error is not None:
             continue
-        h = line_hash(line.text or line.prompt)
+        identity = (identities[line.lineno] if identities is not None
+                    else f"{line.lineno}:{line_hash(line.text or line.prompt)}")
         for index in range(count):
-            job = Task(line.lineno, h, index, ordinal)
+            job = Task(line.lineno, identity, index, ordinal)
             ordinal += 1
             if job.ordinal % world == rank and job.key not in done:
                 jobs.append(job)
     return jobs
+
+
+NEW_MANIFEST = "jobs"  # one set of manifests per output folder, keyed by job identity
 
 
 def manifest_path(out_dir: str | os.PathLike, batch: str, rank: int) -> Path:
@@ -335,12 +361,13 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, in
 
 @dataclass
 class BatchPlan:
-    id: str
+    id: str  # this file with these batch-wide flags (recorded in each image)
     lines: dict[int, tuple]  # line number -> (settings, preset, model) of every good line
     jobs: list[Task]  # this rank's, not yet done
-    done: int  # images already made by an earlier run
+    done: int  # images of this batch already made by an earlier run: reused, not made again
     failures: dict[int, str]  # line number -> one-line reason
     planner: object  # the jobs.Planner that resolved the lines, reused for their files
+    manifest: str = NEW_MANIFEST  # the manifests' name: NEW_MANIFEST, or an earlier version's batch id
 
 
 def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_stack: bool = False,
@@ -355,9 +382,11 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
 
     lines = parse_batch(text)
     flags = anchor_files(flags, Path.cwd())
-    # The same file with other batch-wide settings is another batch: it must not count the first one's images as done.
     wide = [vars(flags), preset, load.model, load.text_encoder, load.vae, load.dtype, no_stack]
     bid = batch_id(text + "\0" + json.dumps(wide, default=str, sort_keys=True))
+    # An unfinished batch of an earlier version resumes as it began: its seeds and job keys came from the whole file.
+    legacy = bool(load_done(out_dir, bid))
+    repeats: dict[str, int] = {}
     failures = {line.lineno: line.error for line in lines if line.error}
     planner = Planner(load, no_stack=no_stack)
     resolved = {}
@@ -370,16 +399,21 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
         except RdbtError as err:
             failures[line.lineno] = f"line {line.lineno}: {err}"
             continue
+        occurrence = repeats[line.prompt] = repeats.get(line.prompt, -1) + 1
         if g.seed is None:
-            g.seed = line_seed(bid, line.lineno)
+            g.seed = line_seed(bid, line.lineno) if legacy else text_seed(line.prompt, occurrence)
         resolved[line.lineno] = (g, p, m)
     good = [line for line in lines if line.lineno in resolved]
-    done = load_done(out_dir, bid)
-    jobs = plan_jobs(good, {ln: r[0].count or 1 for ln, r in resolved.items()}, rank, world, done)
-    return BatchPlan(bid, resolved, jobs, len(done), failures, planner)
+    manifest = bid if legacy else NEW_MANIFEST
+    done = load_done(out_dir, manifest)
+    identities = None if legacy else {ln: job_identity(g, m, load) for ln, (g, p, m) in resolved.items()}
+    counts = {ln: r[0].count or 1 for ln, r in resolved.items()}
+    every = {job.key for job in plan_jobs(good, counts, identities=identities)}  # all ranks' jobs
+    jobs = plan_jobs(good, counts, rank, world, done, identities)
+    return BatchPlan(bid, resolved, jobs, len(every & done.keys()), failures, planner, manifest)
 
 
-def _already_saved(path: Path, bid: str, job_key: str) -> bool:
+def _already_saved(path: Path, job_key: str) -> bool:
     from rdbt_cli import metadata
 
     if not path.exists():
@@ -388,7 +422,7 @@ def _already_saved(path: Path, bid: str, job_key: str) -> bool:
         batch_rec = metadata.read_png(path)["recipe"].get("batch") or {}
     except RdbtError:
         return False
-    return batch_rec.get("id") == bid and batch_rec.get("job") == job_key
+    return batch_rec.get("job") == job_key  # the key says what made the image, whichever run of the batch it was
 
 
 def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmatched: bool = False,
@@ -411,7 +445,7 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
     load = replace(planner.load, model=model)
     runner = Runner(load, paths, allow_unmatched=allow_unmatched, callback=callback,
                     on_warning=lambda w: on_warning and on_warning(f"line {current.lineno}: {w}"))
-    with Manifest(out_dir, bp.id, rank) as manifest:
+    with Manifest(out_dir, bp.manifest, rank) as manifest:
         for current in bp.jobs:
             ln = current.lineno
             if ln in bp.failures:
@@ -423,7 +457,7 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
                 if planner.identity(wanted) != loaded:
                     raise ConfigError(f"it asks for model {wanted or 'the default model'!r} but this batch runs "
                                       f"{Path(paths.dit).name!r}; put those lines in their own batch")
-                if _already_saved(out_dir / f"{stem}.png", bp.id, current.key):
+                if _already_saved(out_dir / f"{stem}.png", current.key):
                     # Killed after the PNG was written but before its manifest line: record it, do not make it twice.
                     manifest.add(current, f"{stem}.png", seed)
                     continue

@@ -137,7 +137,7 @@ def plural(n: int, word: str) -> str:
 def batch_summary(made: int, done: int, failures: dict[int, str], wall: float, world: int) -> str:
     """The batch's closing lines: what was made, what an earlier run had made, each failed line."""
     rate = made / wall * 60 if wall > 0 else 0.0
-    already = f", {done} already done" if done else ""
+    already = f", {done} already done (reused: unchanged since an earlier run)" if done else ""
     lines = [f"{plural(made, 'image')} made{already}, {plural(len(failures), 'failed line')}, {rate:.1f} images/min "
              f"over {world} process(es)"]
     lines += [f"  {failures[ln]}" for ln in sorted(failures)]

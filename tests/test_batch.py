@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -241,3 +242,47 @@ def test_manifest_in_an_unwritable_place_is_an_output_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OutputError, match="manifest"):
         Manifest(blocker / "out", "abc", 0)
+
+
+def test_an_edit_redoes_only_the_changed_lines(tmp_path):
+    from rdbt_cli import batch
+    from rdbt_cli.config import LoadParams
+
+    load, flags = LoadParams(model="tiny"), GenParams(width=32, height=32, steps=1)
+    out = tmp_path / "out"
+
+    def plan(text):
+        return batch.plan(text, load, flags, out_dir=out)
+
+    def make(bp):
+        return sorted(Path(p).name for p, _ in batch.run(bp, out))
+
+    first = plan("alpha\nbeta --count 2\nalpha\n")
+    assert first.done == 0 and len(make(first)) == 4
+    seeds = {ln: g.seed for ln, (g, *_) in first.lines.items()}
+    assert seeds[1] != seeds[3]  # a repeated line is another image, not the same one twice
+    # a fixed typo, a new line on top and a wider count: only what changed is made; the rest keeps its seed
+    edited = plan("new line\nalpha\nbeta --count 3\nalfa\n")
+    assert edited.lines[2][0].seed == seeds[1] and edited.lines[3][0].seed == seeds[2]
+    assert edited.done == 3 and [(t.lineno, t.index) for t in edited.jobs] == [(1, 0), (3, 2), (4, 0)]
+    assert len(make(edited)) == 3
+    assert plan("new line\nalpha\nbeta --count 3\nalfa\n").jobs == []  # and a rerun makes nothing
+    # other batch-wide flags change every image: nothing is reused
+    assert batch.plan("alpha\n", load, GenParams(width=32, height=32, steps=2), out_dir=out).done == 0
+
+
+def test_a_batch_begun_by_an_earlier_version_resumes_as_it_began(tmp_path):
+    import json
+
+    from rdbt_cli import batch
+    from rdbt_cli.config import LoadParams
+
+    load, flags = LoadParams(model="tiny"), GenParams(width=32, height=32, steps=1)
+    text = "alpha\nbeta\n"
+    bid = batch.plan(text, load, flags, out_dir=tmp_path).id
+    # what an earlier version wrote after its first image: keys by line number, a manifest named by the batch id
+    (tmp_path / f".rdbt-batch-{bid}.rank0.jsonl").write_text(
+        json.dumps({"job": f"1:{batch.line_hash('alpha')}:0", "file": "L0001-000-1.png", "seed": 1}) + "\n")
+    bp = batch.plan(text, load, flags, out_dir=tmp_path)
+    assert bp.manifest == bid and bp.done == 1 and [t.key for t in bp.jobs] == [f"2:{batch.line_hash('beta')}:0"]
+    assert bp.lines[2][0].seed == line_seed(bid, 2)  # the seed that version gave the line
