@@ -266,15 +266,16 @@ class Manifest:
         from filelock import FileLock, Timeout
 
         self.path = manifest_path(out_dir, batch, rank)
-        # One writer per manifest: a second `rdbt batch` of the same file and flags into the same folder would make
-        # the same images again (torchrun ranks have manifests of their own).
+        # One writer per manifest: a second `rdbt batch` into the same folder would make the same images again
+        # (torchrun ranks have manifests of their own).
         self._lock = FileLock(self.path.with_name(self.path.name + ".lock"))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise OutputError(f"{self.path.parent}: another rdbt batch is already making this batch here (rank "
-                              f"{rank}); wait for it to finish, then run the same command to resume") from None
+            raise OutputError(f"{self.path.parent}: another rdbt batch is already writing to this folder (rank "
+                              f"{rank}); wait for it to finish or use another --out, then run the same command to "
+                              "resume") from None
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write the batch manifest ({e.strerror}); check the output "
                               "folder's permissions") from None
