@@ -41,6 +41,29 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", local_connect)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Downloads with the HTTP layer mocked: hf_hub_download writes "repo/file" into the file it fetches, and the
+    network probe passes. Gives the calls made and the real probe."""
+    from types import SimpleNamespace
+
+    hub = pytest.importorskip("huggingface_hub")
+    from rdbt_cli import discovery
+
+    state = SimpleNamespace(calls=[], check_network=discovery.check_network)
+
+    def fake(repo_id, filename, local_dir, **kw):
+        state.calls.append((repo_id, filename))
+        out = Path(local_dir) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"{repo_id}/{filename}")
+        return str(out)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake)
+    monkeypatch.setattr(discovery, "check_network", lambda: None)
+    return state
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_state(tmp_path_factory, monkeypatch):
     # One env var relocates all user state (presets, LoRA stack, caches), so tests never touch the real home.

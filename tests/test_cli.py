@@ -371,27 +371,16 @@ def test_prompt_longer_than_512_t5_tokens_with_cfg(tmp_path):
     assert json.loads(Image.open(tmp_path / "long.png").info["rdbt"])["prompt"] == prompt
 
 
-def test_download_defaults_to_rdbts_own_models_folder(monkeypatch):
-    import huggingface_hub
-
+def test_download_defaults_to_rdbts_own_models_folder(monkeypatch, fake_hub):
     from rdbt_cli import discovery
     from rdbt_cli.config import user_dir
 
-    def fake(repo_id, filename, local_dir, **kw):
-        out = Path(local_dir) / filename
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"{repo_id}/{filename}")
-        return str(out)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
-    check_network = discovery.check_network
-    monkeypatch.setattr(discovery, "check_network", lambda: None)  # the HTTP layer is mocked: say the network is up
     r = run("download", "--only", "tokenizers")
     assert r.exit_code == 0, r.output
     got = [Path(line) for line in r.output.split()]
     assert got and all(p.exists() and user_dir() / "models" in p.parents for p in got)
     assert {p.parent.name for p in got} == {"qwen", "t5"}
-    monkeypatch.setattr(discovery, "check_network", check_network)
+    monkeypatch.setattr(discovery, "check_network", fake_hub.check_network)
     r = run("download", "--only", "turbo-lora")  # offline (the tests' network is off): one line, at once
     assert r.exit_code != 0 and r.output.startswith("error: cannot reach https://huggingface.co") and \
         len(r.output.strip().splitlines()) == 1, r.output

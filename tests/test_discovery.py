@@ -567,7 +567,7 @@ def test_offline_download_is_one_line_at_once(tmp_path, monkeypatch):
     assert discovery.download_official(tmp_path / "m", ("vae",)) == [tmp_path / "m" / "vae" / "qwen_image_vae.safetensors"]
 
 
-def test_downloads_go_to_the_data_folder_and_the_turbo_lora_is_one(tmp_path, monkeypatch):
+def test_downloads_go_to_the_data_folder_and_the_turbo_lora_is_one(tmp_path, monkeypatch, fake_hub):
     from rdbt_cli.lora_stack import resolve_lora_name
 
     monkeypatch.delenv("RDBT_HOME")
@@ -580,16 +580,6 @@ def test_downloads_go_to_the_data_folder_and_the_turbo_lora_is_one(tmp_path, mon
     assert models_dirs(None, {}, home=tmp_path, comfy_roots=[], a1111_roots=[]) == [discovery.default_models_dir(), old]
     assert discovery.official_plan(["turbo-lora"]) == [
         ("circlestone-labs/Anima-Official-LoRAs", "anima-turbo-lora-v0.2.safetensors", "loras")]
-    hub = pytest.importorskip("huggingface_hub")
-
-    def fake(repo_id, filename, local_dir, **kw):
-        out = Path(local_dir) / filename
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(b"lora")
-        return str(out)
-
-    monkeypatch.setattr(hub, "hf_hub_download", fake)
-    monkeypatch.setattr(discovery, "check_network", lambda: None)
     (got,) = discovery.download_official(discovery.default_models_dir(), ("turbo-lora",))
     # the turbo preset's LoRA name now resolves in the default folders
     assert resolve_lora_name("anima-turbo-lora-v0.2", [discovery.default_models_dir() / "loras"]) == got
