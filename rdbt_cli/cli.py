@@ -254,9 +254,9 @@ def gen(
     if unused:
         _note(unused)
 
-    from rdbt_cli.runner import Runner
-
     with Progress(len(todo), quiet) as bar:
+        from rdbt_cli.runner import Runner  # imports torch: seconds, under the progress line's "starting"
+
         runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=bar.warn, callback=bar.event)
         for job in todo:
             bar.start_image(f"seed {job.seed}", job.steps)
