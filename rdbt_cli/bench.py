@@ -110,6 +110,7 @@ def run(
     sampler: str = "euler",
     scheduler: str = "simple",
     cfg: float = 1.0,
+    nag_scale: float = 0.0,
     device: str = "auto",
     dtype: str = "auto",
     decode: bool = True,
@@ -172,6 +173,10 @@ def run(
     ctx_dim = params.context_dim
     cond = torch.randn(1, 512, ctx_dim, generator=g).to(dev, dit.compute_dtype)
     uncond = None if math.isclose(cfg, 1.0) else torch.randn(1, 512, ctx_dim, generator=g).to(dev, dit.compute_dtype)
+    nag = None
+    if nag_scale > 1:  # NAG with the node's other defaults, the negative's K/V prepared with the denoiser
+        negative = torch.randn(1, 512, ctx_dim, generator=g).to(dev, dit.compute_dtype)
+        nag = sampling.NAGGuidance(negative, engine.NAG(nag_scale, 2.5, 0.25), 14.7, 0.0)
     sigmas = sampling.get_sigmas(scheduler, steps).to(dev)
     x = sampling.prepare_latent(seed, torch.zeros(1, params.in_channels, 1, height // 8, width // 8), sigmas).to(dev)
     if dev.type == "cuda":
@@ -189,7 +194,7 @@ def run(
         report(callback, "sample")
         t_start = time.perf_counter()
         # inside the first step's time: the denoiser prepares the cross-attention K/V, once per generation
-        denoiser = sampling.CFGDenoiser(dit, cond, uncond, cfg)
+        denoiser = sampling.CFGDenoiser(dit, cond, uncond, cfg, nag=nag)
         out = sampling.sample(sampler, denoiser, x, sigmas, seed=seed, callback=on_step)
         decode_s = 0.0
         if vae is not None:
@@ -205,6 +210,8 @@ def run(
     forwards = 1 if uncond is None else 2
     n_tokens = (height // 16) * (width // 16)
     flops_step = forwards * dit_flops(params, n_tokens)
+    if nag is not None:  # one more cross-attention core per block, for the cond rows
+        flops_step += params.num_blocks * 4 * n_tokens * 512 * params.model_channels
     achieved = flops_step / step_s / 1e12
     # Peaks are read before the GEMM probe, whose buffers are not part of the run.
     peak_device = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
@@ -219,6 +226,7 @@ def run(
         "dtype": str(dit.compute_dtype).replace("torch.", ""),
         "vae_dtype": str(vae_dtype(dt, dev)).replace("torch.", "") if vae is not None else None,
         "width": width, "height": height, "steps": steps, "sampler": sampler, "scheduler": scheduler, "cfg": cfg,
+        "nag_scale": nag_scale,
         "dit_blocks": params.num_blocks, "dit_width": params.model_channels,
         "load_s": round(load_s, 3),
         "first_step_s": round(first_step_s, 4),

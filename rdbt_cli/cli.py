@@ -485,6 +485,7 @@ def bench(
     sampler: Annotated[str, typer.Option(help="Sampler.")] = "euler",
     scheduler: Annotated[str, typer.Option(help="Scheduler.")] = "simple",
     cfg: Annotated[float, typer.Option(help="CFG scale (1: one forward per step).")] = 1.0,
+    nag_scale: Annotated[float, typer.Option(help="NAG scale (0: off), with the node's other defaults.")] = 0.0,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.")] = DType.auto,
     decode: Annotated[bool, _flag(help="Include the VAE decode.")] = True,
@@ -497,7 +498,8 @@ def bench(
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
     from rdbt_cli import bench as bench_mod
 
-    problem = settings.value_problem("sampler", sampler) or settings.value_problem("scheduler", scheduler)
+    problem = (settings.value_problem("sampler", sampler) or settings.value_problem("scheduler", scheduler)
+               or settings.value_problem("nag_scale", nag_scale))
     if problem:
         raise ConfigError(problem)
     if size is None:
@@ -515,8 +517,8 @@ def bench(
     with Progress(1, quiet) as bar:  # on stderr: --json keeps stdout for the result
         bar.start_image("bench", steps)
         result = bench_mod.run(model=model, width=w, height=h, steps=steps, sampler=sampler, scheduler=scheduler,
-                               cfg=cfg, device=device.value, dtype=dtype.value, decode=decode, compile=compile,
-                               low_vram=low_vram, attention=attention.value, callback=bar.event)
+                               cfg=cfg, nag_scale=nag_scale, device=device.value, dtype=dtype.value, decode=decode,
+                               compile=compile, low_vram=low_vram, attention=attention.value, callback=bar.event)
     if as_json:
         typer.echo(json.dumps(result))
         return
