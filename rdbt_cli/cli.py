@@ -12,7 +12,6 @@ import inspect as pyinspect
 import json
 import os
 import signal
-import sys
 import time
 from enum import Enum
 from pathlib import Path
