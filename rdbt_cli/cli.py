@@ -1,42 +1,30 @@
 """The rdbt command line: a thin Typer layer over the rdbt_cli library.
 
-Generation options come from the settings table (settings.SETTINGS) and the load options from one list, so every
-command that generates declares them once. torch and the pipeline are imported inside the commands that need them,
+The options of the commands that generate come from options.py (the settings table and LoadParams). torch and the pipeline are imported inside the commands that need them,
 so `rdbt --help`, `inspect`, `models`, `presets` and `lora-stack` start instantly.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect as pyinspect
 import json
 import os
 import signal
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from rdbt_cli import __version__, completion, console, settings
+from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.console import Progress
-from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.errors import ConfigError, RdbtError, Terminated
-
-class _Commands(TyperGroup):
-    """`--debug` works after the subcommand too (`rdbt gen ... --debug`): it is moved in front of it."""
-
-    def parse_args(self, ctx, args):
-        end = args.index("--") if "--" in args else len(args)
-        if "--debug" in args[1:end]:
-            args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
-        return super().parse_args(ctx, args)
+from rdbt_cli.options import OUT, Attention, DebugAnywhere, Device, DType, flag, generating
 
 
 app = typer.Typer(
-    cls=_Commands,
+    cls=DebugAnywhere,
     name="rdbt",
     help="Anima text-to-image from the shell: one command per image, batches, LoRA stacks, presets, and every image "
     "carrying its own recipe.\n\nExample: rdbt gen \"1girl, silver hair, night sky\" --preset rdbt --seed 42",
@@ -47,12 +35,6 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
-
-
-# Choice types for Typer, built from config's lists so the names live in one place.
-Device = Enum("Device", {name: name for name in DEVICES}, type=str)
-DType = Enum("DType", {name: name for name in DTYPES}, type=str)
-Attention = Enum("Attention", {name: name for name in ATTENTION_BACKENDS}, type=str)
 
 
 # What Ctrl-C leaves behind, by command.
@@ -99,11 +81,6 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _flag(*decls: str, **kw):
-    """A boolean option; its help shows no value."""
-    return typer.Option(*decls, metavar="", **kw)
-
-
 def _print_version(value: bool):
     if value:
         typer.echo(f"rdbt {__version__}")
@@ -112,7 +89,7 @@ def _print_version(value: bool):
 
 @app.callback()
 def main(
-    debug: Annotated[bool, _flag("--debug", help="Show full tracebacks (also after the command).")] = False,
+    debug: Annotated[bool, flag("--debug", help="Show full tracebacks (also after the command).")] = False,
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
     ] = None,
@@ -120,92 +97,11 @@ def main(
     _state["debug"] = debug
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Options of every command that generates, declared once
-# ---------------------------------------------------------------------------------------------------------------------
-
-LOAD = "Models and hardware"
-OUT = "Output"
-
-# LoadParams fields as options: (name, type, default, help).
-_LOAD_OPTIONS = (
-    ("model", Optional[str], None, "DiT: a path, a name in the models folder, or 'tiny'."),
-    ("text_encoder", Optional[str], None, "Qwen3 text encoder file."),
-    ("vae", Optional[str], None, "VAE file."),
-    ("qwen_tokenizer", Optional[str], None, "Qwen tokenizer.json (or its folder)."),
-    ("t5_tokenizer", Optional[str], None, "T5 tokenizer.json (or its folder)."),
-    ("models_dir", Optional[str], None, "Models folder in ComfyUI layout (also $RDBT_MODELS)."),
-    ("compile", bool, False, "torch.compile the DiT blocks: faster steps on a GPU after a slow first one."),
-    ("device", Device, Device.auto, "auto, cpu or cuda (under torchrun: each rank's local GPU)."),
-    ("dtype", DType, DType.auto, "auto, fp32, bf16, fp16 or fp8 (weights)."),
-    ("low_vram", bool, False, "For small GPUs: text encoder on the CPU, DiT blocks streamed from host memory, tiled "
-                              "VAE decode."),
-    ("attention", Attention, Attention.sdpa, "Attention kernel: PyTorch SDPA, or xformers if installed."),
-)
-
-
-# What --help shows as an option's value, instead of Python types.
-_METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]"}
-_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR"}
-_COMPLETE = {"model": completion.models}
-
-
-def _with_default(s: settings.Setting) -> str:
-    """The row's help with the table's default (which a preset, or the tiny model's size and steps, replaces)."""
-    if s.default in (None, "", [], 0.0) or isinstance(s.default, bool):
-        return s.help
-    shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default)
-    return f"{s.help} [dim]\\[default: {shown}][/dim]"
-
-
-def _setting_param(s: settings.Setting) -> pyinspect.Parameter:
-    kind = list[str] if s.type is list else s.type
-    names = getattr(s.check, "names", None)
-    complete = completion.choices(names) if names else completion.loras if s.type is list else None
-    option = typer.Option(*s.flags, help=_with_default(s), rich_help_panel=settings.GEN_PANEL,
-                          metavar="NAME" if names else _METAVARS.get(s.type), autocompletion=complete)
-    return pyinspect.Parameter(s.name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                               annotation=Annotated[Optional[kind], option])
-
-
-def _option_param(name: str, kind, default, help: str, panel: str) -> pyinspect.Parameter:
-    if kind is bool:
-        option = _flag(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel)
-    else:
-        option = typer.Option(help=help, rich_help_panel=panel, autocompletion=_COMPLETE.get(name),
-                              metavar=_LOAD_METAVARS.get(name, "FILE" if kind == Optional[str] else None))
-    return pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                               annotation=Annotated[kind, option])
-
-
-def generating(command):
-    """Gives `command` one option per settings row with flags (plus --size) and per LoadParams field; it receives
-    them as `flags` (GenParams, None = not given) and `load` (LoadParams)."""
-    own = list(pyinspect.signature(command, eval_str=True).parameters.values())
-    at = [p.name for p in own].index("flags")
-    added = [_setting_param(s) for s in settings.SETTINGS if s.flags]
-    size_help = f"{settings.SIZE_HELP} [dim]\\[default: {settings.DEFAULTS.width}x{settings.DEFAULTS.height}][/dim]"
-    added.append(_option_param("size", Optional[str], None, size_help, settings.GEN_PANEL))
-    added += [_option_param(*spec, LOAD) for spec in _LOAD_OPTIONS]
-    rest = [p for p in own[at + 1:] if p.name != "load"]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        values = {s.name: kwargs.pop(s.name) for s in settings.SETTINGS if s.flags}
-        kwargs["flags"] = settings.from_flags(values, kwargs.pop("size"))
-        load = {name: kwargs.pop(name) for name, *_ in _LOAD_OPTIONS}
-        kwargs["load"] = LoadParams(**{k: v.value if isinstance(v, Enum) else v for k, v in load.items()})
-        return command(**kwargs)
-
-    wrapper.__signature__ = pyinspect.Signature([*own[:at], *added, *rest])
-    return wrapper
-
-
 PresetOpt = Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=settings.GEN_PANEL, metavar="NAME|PATH", autocompletion=completion.presets)]
-NoStackOpt = Annotated[bool, _flag("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=settings.GEN_PANEL)]
-AllowUnmatchedOpt = Annotated[bool, _flag("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=settings.GEN_PANEL)]
-JsonOpt = Annotated[bool, _flag("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
-QuietOpt = Annotated[bool, _flag("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
+NoStackOpt = Annotated[bool, flag("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=settings.GEN_PANEL)]
+AllowUnmatchedOpt = Annotated[bool, flag("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=settings.GEN_PANEL)]
+JsonOpt = Annotated[bool, flag("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
+QuietOpt = Annotated[bool, flag("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
 
 
 def _warn(message: str) -> None:
@@ -234,7 +130,7 @@ def gen(
     load: LoadParams = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT, metavar="PATH")] = None,
     as_json: JsonOpt = False,
-    no_metadata: Annotated[bool, _flag("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
+    no_metadata: Annotated[bool, flag("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
     quiet: QuietOpt = False,
 ):
     """Generate images from a prompt."""
@@ -330,7 +226,7 @@ def batch(
 @friendly_errors
 def inspect(
     images: Annotated[list[Path], typer.Argument(help="PNG files to read.")],
-    as_json: Annotated[bool, _flag("--json", help="Print the recipe(s) as JSON.")] = False,
+    as_json: Annotated[bool, flag("--json", help="Print the recipe(s) as JSON.")] = False,
 ):
     """Show the recipe recorded in images (rdbt first, then A1111/Forge, then ComfyUI metadata)."""
     from rdbt_cli import metadata
@@ -366,8 +262,8 @@ def inspect(
 @friendly_errors
 def models(
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).")] = None,
-    hash_files: Annotated[bool, _flag("--hash", help="Hash files not hashed before (slow once per file).")] = False,
-    as_json: Annotated[bool, _flag("--json", help="JSON output.")] = False,
+    hash_files: Annotated[bool, flag("--hash", help="Hash files not hashed before (slow once per file).")] = False,
+    as_json: Annotated[bool, flag("--json", help="JSON output.")] = False,
 ):
     """List the model files rdbt finds, with component type, size and short hash (AutoV2, as Civitai shows)."""
     from rdbt_cli import discovery
@@ -395,7 +291,7 @@ def models(
 @friendly_errors
 def presets(
     name: Annotated[Optional[str], typer.Argument(help="Show this preset in full.")] = None,
-    as_json: Annotated[bool, _flag("--json", help="JSON output.")] = False,
+    as_json: Annotated[bool, flag("--json", help="JSON output.")] = False,
 ):
     """List the presets (built in and in your config folder), or show one."""
     from rdbt_cli import presets as presets_mod
@@ -439,9 +335,9 @@ def lora_stack_cmd(
     add: Annotated[Optional[list[str]], typer.Option("--add", help="NAME[:WEIGHT] to add (e.g. turbo:0.3).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="NAME:WEIGHT to change a weight.")] = None,
     remove: Annotated[Optional[list[str]], typer.Option("--remove", help="NAME to remove.")] = None,
-    clear: Annotated[bool, _flag("--clear", help="Remove every LoRA from the stack.")] = False,
-    list_: Annotated[bool, _flag("--list", help="Show the stack (the default).")] = False,
-    as_json: Annotated[bool, _flag("--json", help="JSON output.")] = False,
+    clear: Annotated[bool, flag("--clear", help="Remove every LoRA from the stack.")] = False,
+    list_: Annotated[bool, flag("--list", help="Show the stack (the default).")] = False,
+    as_json: Annotated[bool, flag("--json", help="JSON output.")] = False,
     models_dir: Annotated[Optional[str], typer.Option(help="Models folder whose loras/ names resolve.")] = None,
 ):
     """Show or edit the persistent LoRA stack that gen and batch apply."""
@@ -487,12 +383,12 @@ def bench(
     nag_scale: Annotated[float, typer.Option(help="NAG scale (0: off), with the node's other defaults.")] = 0.0,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
     dtype: Annotated[DType, typer.Option(help="auto, fp32, bf16, fp16 or fp8.")] = DType.auto,
-    decode: Annotated[bool, _flag(help="Include the VAE decode.")] = True,
-    compile: Annotated[bool, _flag("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
-    low_vram: Annotated[bool, _flag("--low-vram", help="Streamed DiT blocks (GPU) and tiled VAE decode, as gen --low-vram.")] = False,
+    decode: Annotated[bool, flag(help="Include the VAE decode.")] = True,
+    compile: Annotated[bool, flag("--compile", help="torch.compile the DiT blocks (compile time shows in first_step_s).")] = False,
+    low_vram: Annotated[bool, flag("--low-vram", help="Streamed DiT blocks (GPU) and tiled VAE decode, as gen --low-vram.")] = False,
     attention: Annotated[Attention, typer.Option(help="Attention kernel: sdpa or xformers.")] = Attention.sdpa,
-    as_json: Annotated[bool, _flag("--json", help="One JSON object on stdout.")] = False,
-    quiet: Annotated[bool, _flag("--quiet", "-q", help="No progress.")] = False,
+    as_json: Annotated[bool, flag("--json", help="One JSON object on stdout.")] = False,
+    quiet: Annotated[bool, flag("--quiet", "-q", help="No progress.")] = False,
 ):
     """Measure speed and memory: seconds per step, images/min, TFLOP/s and MFU, peak memory, load time."""
     from rdbt_cli import bench as bench_mod

@@ -20,6 +20,7 @@ ALLOWED = {
     "text": {"config", "errors"},
     "settings": {"config", "errors"},
     "console": set(),
+    "options": {"completion", "config", "settings"},
     "presets": {"config", "errors", "settings"},
     "metadata": {"config", "errors", "settings"},
     "engine": {"config", "discovery", "errors"},
@@ -34,7 +35,7 @@ ALLOWED = {
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
-    "cli", "images", "completion",
+    "cli", "images", "completion", "options",
 ]
 
 

@@ -1,0 +1,114 @@
+"""Typer options of the commands that generate, declared once: one per row of the settings table (with its default
+and completion) and one per LoadParams field; `generating` gives them to a command as `flags` and `load`."""
+
+from __future__ import annotations
+
+import functools
+import inspect as pyinspect
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from rdbt_cli import completion, settings
+from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LoadParams
+
+# Choice types for Typer, built from config's lists so the names live in one place.
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
+DType = Enum("DType", {name: name for name in DTYPES}, type=str)
+Attention = Enum("Attention", {name: name for name in ATTENTION_BACKENDS}, type=str)
+
+
+def flag(*decls: str, **kw):
+    """A boolean option; its help shows no value."""
+    return typer.Option(*decls, metavar="", **kw)
+
+
+
+LOAD = "Models and hardware"
+OUT = "Output"
+
+# LoadParams fields as options: (name, type, default, help).
+_LOAD_OPTIONS = (
+    ("model", Optional[str], None, "DiT: a path, a name in the models folder, or 'tiny'."),
+    ("text_encoder", Optional[str], None, "Qwen3 text encoder file."),
+    ("vae", Optional[str], None, "VAE file."),
+    ("qwen_tokenizer", Optional[str], None, "Qwen tokenizer.json (or its folder)."),
+    ("t5_tokenizer", Optional[str], None, "T5 tokenizer.json (or its folder)."),
+    ("models_dir", Optional[str], None, "Models folder in ComfyUI layout (also $RDBT_MODELS)."),
+    ("compile", bool, False, "torch.compile the DiT blocks: faster steps on a GPU after a slow first one."),
+    ("device", Device, Device.auto, "auto, cpu or cuda (under torchrun: each rank's local GPU)."),
+    ("dtype", DType, DType.auto, "auto, fp32, bf16, fp16 or fp8 (weights)."),
+    ("low_vram", bool, False, "For small GPUs: text encoder on the CPU, DiT blocks streamed from host memory, tiled "
+                              "VAE decode."),
+    ("attention", Attention, Attention.sdpa, "Attention kernel: PyTorch SDPA, or xformers if installed."),
+)
+
+
+# What --help shows as an option's value, instead of Python types.
+_METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]"}
+_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR"}
+_COMPLETE = {"model": completion.models}
+
+
+def _with_default(s: settings.Setting) -> str:
+    """The row's help with the table's default (which a preset, or the tiny model's size and steps, replaces)."""
+    if s.default in (None, "", [], 0.0) or isinstance(s.default, bool):
+        return s.help
+    shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default)
+    return f"{s.help} [dim]\\[default: {shown}][/dim]"
+
+
+def _setting_param(s: settings.Setting) -> pyinspect.Parameter:
+    kind = list[str] if s.type is list else s.type
+    names = getattr(s.check, "names", None)
+    complete = completion.choices(names) if names else completion.loras if s.type is list else None
+    option = typer.Option(*s.flags, help=_with_default(s), rich_help_panel=settings.GEN_PANEL,
+                          metavar="NAME" if names else _METAVARS.get(s.type), autocompletion=complete)
+    return pyinspect.Parameter(s.name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                               annotation=Annotated[Optional[kind], option])
+
+
+def _option_param(name: str, kind, default, help: str, panel: str) -> pyinspect.Parameter:
+    if kind is bool:
+        option = flag(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel)
+    else:
+        option = typer.Option(help=help, rich_help_panel=panel, autocompletion=_COMPLETE.get(name),
+                              metavar=_LOAD_METAVARS.get(name, "FILE" if kind == Optional[str] else None))
+    return pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                               annotation=Annotated[kind, option])
+
+
+def generating(command):
+    """Gives `command` one option per settings row with flags (plus --size) and per LoadParams field; it receives
+    them as `flags` (GenParams, None = not given) and `load` (LoadParams)."""
+    own = list(pyinspect.signature(command, eval_str=True).parameters.values())
+    at = [p.name for p in own].index("flags")
+    added = [_setting_param(s) for s in settings.SETTINGS if s.flags]
+    size_help = f"{settings.SIZE_HELP} [dim]\\[default: {settings.DEFAULTS.width}x{settings.DEFAULTS.height}][/dim]"
+    added.append(_option_param("size", Optional[str], None, size_help, settings.GEN_PANEL))
+    added += [_option_param(*spec, LOAD) for spec in _LOAD_OPTIONS]
+    rest = [p for p in own[at + 1:] if p.name != "load"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {s.name: kwargs.pop(s.name) for s in settings.SETTINGS if s.flags}
+        kwargs["flags"] = settings.from_flags(values, kwargs.pop("size"))
+        load = {name: kwargs.pop(name) for name, *_ in _LOAD_OPTIONS}
+        kwargs["load"] = LoadParams(**{k: v.value if isinstance(v, Enum) else v for k, v in load.items()})
+        return command(**kwargs)
+
+    wrapper.__signature__ = pyinspect.Signature([*own[:at], *added, *rest])
+    return wrapper
+
+
+class DebugAnywhere(TyperGroup):
+    """`--debug` works after the subcommand too (`rdbt gen ... --debug`): it is moved in front of it."""
+
+    def parse_args(self, ctx, args):
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
+        return super().parse_args(ctx, args)
