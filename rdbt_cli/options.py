@@ -49,7 +49,7 @@ _LOAD_OPTIONS = (
 
 # What --help shows as an option's value, instead of Python types.
 _METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]"}
-_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR"}
+_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR", "size": "WxH"}
 _COMPLETE = {"model": completion.models}
 
 

@@ -174,6 +174,7 @@ def test_debug_after_the_command_and_help_with_defaults_and_readable_values(tmp_
                         ("--size", "1024x1024"), ("--count", "1")):
         assert f"[default: {shown}]" in rows[flag], rows[flag]
     assert "NAME[:WEIGHT]" in rows["--lora"] and " NAME " in rows["--sampler"] and " N " in rows["--steps"]
+    assert " WxH " in rows["--size"] and " NAME|PATH " in rows["--model"]
     assert "<list" not in out and "<bool>" not in "".join(v for k, v in rows.items() if k != "--help")
     assert "--compile" in rows and "--compile" in CliRunner().invoke(app, ["batch", "--help"]).output
 
