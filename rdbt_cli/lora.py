@@ -11,8 +11,10 @@ from the original tensor, written back once in the stored dtype; `Patch.undo()` 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -265,6 +267,10 @@ def _aliases(target: str, module: str) -> list[str]:
         if d:
             names += [d, f"transformer.{d}", f"diffusion_model.{d}", f"lora_transformer_{_flat(d)}",
                       f"lycoris_{_flat(d)}"]
+        if module.startswith("llm_adapter."):
+            # diffusers splits the adapter out as `text_conditioner` (AnimaTextConditioner), its module names those of
+            # the adapter without `llm_adapter.` (diffusers lora_conversion_utils::_convert_non_diffusers_anima_lora)
+            names.append(f"text_conditioner.{module[len('llm_adapter.'):]}")
         return names
     if target == "te":
         # ComfyUI addresses the Qwen3 TE as qwen3_06b.transformer.model.<name without the HF "model." prefix>.
@@ -341,6 +347,7 @@ class LoraModule:
         b = self.base
         for prefix, name in (("lora_unet_", "kohya"), ("lora_te_", "kohya"), ("lycoris_", "lycoris"),
                              ("lora_transformer_", "diffusers"), ("transformer.", "diffusers"),
+                             ("text_conditioner.", "diffusers"),
                              ("diffusion_model.", "comfyui"), ("text_encoders.", "comfyui"),
                              ("base_model.model.", "peft")):
             if b.startswith(prefix):
@@ -490,7 +497,53 @@ def parse_lora_file(path: str | os.PathLike) -> LoraFile:
         raise LoraError(f"{p}: could not read tensors ({exc}); download the LoRA again") from None
     if not modules and not unrecognised:
         raise LoraError(f"{p}: holds no tensors; it is not a LoRA")
+    _peft_alphas(p, meta, modules)
     return LoraFile(p, modules, dict(meta), unrecognised)
+
+
+def _pattern_value(patterns, name: str, default):
+    """PEFT's per-module override (`alpha_pattern`): the first key that matches the end of the module's name
+    (peft.utils.other.get_pattern_key)."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def _peft_alphas(p: Path, meta: dict, modules: dict[str, LoraModule]) -> None:
+    """diffusers stores PEFT's lora_alpha not as `.alpha` tensors but in the metadata (`lora_adapter_metadata`: the
+    LoraConfig as JSON, every key prefixed with its component, `transformer.` or `text_conditioner.`, when saved from
+    a pipeline). PEFT scales ΔW by lora_alpha / r (/ √r with use_rslora); without it a LoRA saved with lora_alpha ≠ r
+    would merge at the wrong strength. The scale becomes an alpha tensor, so merging has one rule for every file."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise LoraError(f"{p}: its lora_adapter_metadata is not a JSON object; the file is damaged, download it again")
+    for base, mod in modules.items():
+        if not mod.peft_style or mod.kind.name != "lora" or "alpha" in mod.tensors:
+            continue
+        component = next((c for c in ("transformer", "text_conditioner") if base.startswith(c + ".")), None)
+
+        def get(key, component=component):
+            return config.get(f"{component}.{key}", config.get(key)) if component else config.get(key)
+
+        alpha = get("lora_alpha")
+        if alpha is None:
+            continue
+        alpha = _pattern_value(get("alpha_pattern"), base[len(component) + 1:] if component else base, alpha)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise LoraError(f"{p}: lora_alpha {alpha!r} in its metadata is not a number; the file is damaged")
+        rank = mod.tensors["down"].shape[0]
+        scale = alpha / math.sqrt(rank) if get("use_rslora") else alpha / rank
+        mod.tensors["alpha"] = torch.tensor(scale * rank, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
