@@ -397,6 +397,10 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
         try:
             overrides = anchor_files(line.overrides, Path(base_dir) if base_dir is not None else Path.cwd())
             g, p, m = planner.settings(layer(flags, overrides), line.preset or preset, model_flag=load.model)
+            if g.combinatorial:
+                raise ConfigError("--combinatorial is for rdbt gen; a batch draws each image's variants from its seed "
+                                  "(or write the prompts out, one per line)")
+            planner.wildcards().check(g.prompt)  # a missing wildcard file fails its line before anything loads
         except RdbtError as err:
             failures[line.lineno] = f"line {line.lineno}: {err}"
             continue

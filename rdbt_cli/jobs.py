@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from rdbt_cli import discovery, images, lora_stack, presets, settings, text
+from rdbt_cli import discovery, images, lora_stack, presets, settings, text, wildcards
 from rdbt_cli.config import LoadParams, LoraSpec, ModelPaths
 from rdbt_cli.settings import DEFAULTS, GenParams
 
@@ -81,6 +81,7 @@ class Planner:
         self._paths: dict = {}
         self._lora_files: dict = {}
         self._inputs: dict = {}
+        self._wildcards: Optional[wildcards.Wildcards] = None
 
     def models_dirs(self) -> list[Path]:
         return list(discovery.models_dirs(self.load.models_dir))
@@ -112,6 +113,12 @@ class Planner:
                 settings.check_all(gen, lambda s: f"init image {gen.init_image} gives {s.name}")
         settings.check_together(gen)
         return gen, preset, model
+
+    def wildcards(self) -> wildcards.Wildcards:
+        """The wildcards folders of this load's models folders (and rdbt's own), read once per batch."""
+        if self._wildcards is None:
+            self._wildcards = wildcards.Wildcards(wildcards.folders(self.models_dirs()))
+        return self._wildcards
 
     def inputs(self, gen: GenParams) -> images.Inputs:
         """The job's input files, opened and checked once per batch."""
@@ -170,10 +177,17 @@ class Planner:
         return [(found[s.name], s.weight) for s in merged]
 
     def job(self, gen: GenParams, seed: int, index: int, paths: ModelPaths, preset=None, model=None,
-            **extra) -> Job:
+            prompt: Optional[str] = None, **extra) -> Job:
+        """One image. Its prompt is `prompt` as given, else the one gen.prompt's variants and wildcards make for this
+        seed; the recipe then records the template too."""
         files = self.lora_files(gen.loras or [], paths)
         seed %= 2**64
-        resolved = replace(gen, seed=seed, loras=[LoraSpec(str(p), w) for p, w in files])
+        if prompt is None and wildcards.has_syntax(gen.prompt):
+            prompt = self.wildcards().pick(gen.prompt, seed)
+        if prompt is not None and prompt != gen.prompt:
+            extra = {"prompt_template": gen.prompt, **extra}
+        resolved = replace(gen, seed=seed, prompt=gen.prompt if prompt is None else prompt,
+                           loras=[LoraSpec(str(p), w) for p, w in files])
         notes = [*(self.inputs(gen).notes if gen.init_image else []), *settings.advice(gen)]
         return Job(resolved, seed, index, getattr(preset, "name", None), model, files, extra, notes)
 
@@ -213,7 +227,14 @@ def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = N
     planner.load = replace(load, model=model)
     paths = planner.paths(model)
     first = gen.seed if gen.seed is not None else random_seed()
-    jobs = [planner.job(gen, first + i, i, paths, preset_obj, model) for i in range(gen.count or 1)]
+    # A recorded prompt was drawn from its template when the image was made: --from takes it as it is.
+    literal = prompt is None and recipe is not None
+    prompts = ([gen.prompt] if literal else planner.wildcards().combinations(gen.prompt) if gen.combinatorial
+               else [None])
+    template = recipe.get("prompt_template") if literal else None
+    extra = {"prompt_template": template} if isinstance(template, str) else {}
+    jobs = [planner.job(gen, first + i, i, paths, preset_obj, model, prompt=p, **extra)
+            for p in prompts for i in range(gen.count or 1)]
     return jobs, planner.load, paths
 
 

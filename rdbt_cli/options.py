@@ -48,7 +48,7 @@ _LOAD_OPTIONS = (
 
 
 # What --help shows as an option's value, instead of Python types.
-_METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]"}
+_METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]", bool: ""}
 _LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR", "size": "WxH"}
 _COMPLETE = {"model": completion.models}
 

@@ -341,6 +341,10 @@ def _nag_window(p) -> Optional[str]:
     return None
 
 
+def _yes_no(key, value):
+    return None if isinstance(value, bool) else f"{key} is on or off, not {value!r}"
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("prompt", str, None, "The prompt, in ComfyUI weight syntax: (word:1.2).", _text, batch=False,
             recipe="prompt"),
@@ -423,6 +427,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nag_sigma_end", float, 0.0, "NAG acts while sigma is at least this (0: to the last step).",
             _real(0.0, 20.0, "0 or more"), ("--nag-sigma-end",), preset="nag_sigma_end", recipe="nag_sigma_end",
             a1111="NAG sigma end", a1111_extension=True, applies=_nag_on),
+    Setting("combinatorial", bool, False, "Make every prompt the prompt's {a|b} variants and __wildcards__ can give "
+            "(each with --count images), instead of one drawn from each image's seed.", _yes_no, ("--combinatorial",),
+            batch=False),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -27,7 +27,9 @@ ALLOWED = {
     "images": {"errors"},
     "pipeline": {"config", "engine", "errors", "images", "sampling", "settings", "text", "lora"},
     "tiny": {"config", "engine", "text"},
-    "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images"},
+    "wildcards": {"config", "errors"},
+    "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images",
+             "wildcards"},
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
     "batch": {"config", "errors", "settings", "jobs", "metadata", "runner"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
@@ -35,7 +37,7 @@ ALLOWED = {
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
-    "cli", "images", "completion", "options",
+    "cli", "images", "completion", "options", "wildcards",
 ]
 
 

@@ -1,0 +1,153 @@
+"""Variants and wildcards in prompts: drawn per seed (the same seed, the same prompt), every combination on request,
+ComfyUI syntax untouched, each bad template one line before anything loads, and the recipe keeping both texts."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from rdbt_cli import batch, wildcards
+from rdbt_cli.cli import app
+from rdbt_cli.config import LoadParams
+from rdbt_cli.errors import ConfigError
+from rdbt_cli.settings import GenParams
+
+TINY = ["--model", "tiny", "--size", "64x64", "--steps", "2", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "wildcards"
+    (d / "sub").mkdir(parents=True)
+    (d / "color.txt").write_text("red\nblue\n# a comment line\ngreen\n")
+    (d / "sub" / "pose.txt").write_text("standing\nsitting, __color__ chair\n")
+    (d / "odd.txt").write_text("50% #1 $5\n")
+    (d / "loop_a.txt").write_text("x __loop_b__\n")
+    (d / "loop_b.txt").write_text("y __loop_a__\n")
+    return d
+
+
+def test_the_same_seed_draws_the_same_prompt_and_other_seeds_others(folder):
+    w = wildcards.Wildcards([folder])
+    template = "__color__ hair, {smile|frown|grin}, __sub/pose__"
+    drawn = [w.pick(template, seed) for seed in range(12)]
+    assert drawn == [wildcards.Wildcards([folder]).pick(template, seed) for seed in range(12)]  # a fresh reader too
+    assert len(set(drawn)) >= 4
+    for prompt in drawn:
+        color, face, pose = prompt.split(", ", 2)
+        assert color in ("red hair", "blue hair", "green hair") and face in ("smile", "frown", "grin")
+        assert pose == "standing" or pose.startswith("sitting, ") and pose.endswith(" chair")
+
+
+def test_weighted_and_multiple_choice_variants(folder):
+    w = wildcards.Wildcards([folder])
+    heavy = [w.pick("{9::red|blue}", s) for s in range(200)]
+    assert 150 < heavy.count("red") < 200
+    for s in range(20):
+        two = w.pick("{2$$a|b|c}", s).split(",")
+        assert len(two) == 2 and len(set(two)) == 2 and set(two) <= {"a", "b", "c"}
+        assert " and " in w.pick("{2$$ and $$a|b|c}", s)
+
+
+def test_comfyui_syntax_and_plain_prompts_pass_through(folder):
+    w = wildcards.Wildcards([folder])
+    rest = r", (silver hair:1.2), <lora:turbo:0.5>, \(artist\), 50% off #1 $5 score_9"
+    assert w.pick("{red|red} eyes" + rest, 3) == "red eyes" + rest
+    assert w.pick(rest, 3) == rest  # no variant syntax: never parsed
+    assert w.pick("__odd__ {x|x}", 1) == "50% #1 $5 x"  # the same characters in a wildcard file
+
+
+def test_combinatorial_lists_every_prompt_and_refuses_an_explosion(folder):
+    w = wildcards.Wildcards([folder])
+    assert w.combinations("{a|b} __color__") == ["a blue", "a green", "a red", "b blue", "b green", "b red"]
+    with pytest.raises(ConfigError, match="more than 1000 prompts"):
+        w.combinations("{a|b|c|d|e|f|g|h|i|j}" * 4)
+
+
+@pytest.mark.parametrize("template, needles", [
+    ("__nope__ hair", ["wildcard __nope__", "nope.txt", "wildcards"]),
+    ("__loop_a__", ["__loop_a__ -> __loop_b__ -> __loop_a__", "loop"]),
+    ("{red||blue} hair", ["{red||blue}", "empty option"]),
+    ("{} hair", ["empty option"]),
+    ("{red|blue hair", ["cannot read the variants", "close every {"]),
+])
+def test_bad_templates_are_one_error_naming_the_problem(folder, template, needles):
+    with pytest.raises(ConfigError) as err:
+        wildcards.Wildcards([folder]).check(template)
+    assert all(n in str(err.value) for n in needles), err.value
+    assert "\n" not in str(err.value)
+
+
+def test_folders_are_the_models_folders_then_rdbt_home_and_the_first_wins(tmp_path, monkeypatch):
+    models, home = tmp_path / "models", tmp_path / "home"
+    (models / "wildcards").mkdir(parents=True)
+    (home / "wildcards").mkdir(parents=True)
+    (models / "wildcards" / "c.txt").write_text("from models\n")
+    (home / "wildcards" / "c.txt").write_text("from home\n")
+    (home / "wildcards" / "h.txt").write_text("only home\n")
+    monkeypatch.setenv("RDBT_HOME", str(home))
+    dirs = wildcards.folders([models])
+    assert dirs == [models / "wildcards", home / "wildcards"]
+    assert wildcards.Wildcards(dirs).pick("__c__, __h__", 0) == "from models, only home"
+
+
+def test_gen_records_template_and_drawn_prompt_and_from_remakes_it(tmp_path, folder, monkeypatch):
+    monkeypatch.setenv("RDBT_HOME", str(folder.parent))
+    r = run("gen", "__color__ hair, {smile|frown}", "--seed", 5, "--count", 2, "--out", tmp_path / "a", *TINY)
+    assert r.exit_code == 0, r.output
+    first, second = sorted((tmp_path / "a").glob("*.png"))
+    rec = json.loads(Image.open(first).info["rdbt"])
+    w = wildcards.Wildcards([folder])
+    assert rec["prompt"] == w.pick("__color__ hair, {smile|frown}", 5)
+    assert rec["prompt_template"] == "__color__ hair, {smile|frown}"
+    assert json.loads(Image.open(second).info["rdbt"])["prompt"] == w.pick("__color__ hair, {smile|frown}", 6)
+    info = Image.open(first).info
+    assert info["parameters"].startswith(rec["prompt"] + "\n")  # A1111 and ComfyUI carry the drawn prompt
+    assert rec["prompt"] in info["prompt"] and "__color__" not in info["prompt"] + info["parameters"]
+    shown = run("inspect", first).output
+    assert "__color__ hair, {smile|frown}" in shown and rec["prompt"] in shown
+    # --from takes the drawn prompt as recorded, even after the wildcard file changed
+    (folder / "color.txt").write_text("purple\n")
+    r = run("gen", "--from", first, "--out", tmp_path / "again.png", "--quiet")
+    assert r.exit_code == 0, r.output
+    again = tmp_path / "again.png"
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+    assert json.loads(Image.open(again).info["rdbt"])["prompt_template"] == rec["prompt_template"]
+
+
+def test_gen_combinatorial_makes_every_prompt_and_errors_come_before_loading(tmp_path, folder, monkeypatch):
+    monkeypatch.setenv("RDBT_HOME", str(folder.parent))
+    r = run("gen", "{a|b} girl", "--combinatorial", "--seed", 1, "--out", tmp_path / "c", "--json", *TINY)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [rec["prompt"] for rec in records] == ["a girl", "b girl"]
+    assert {rec["seed"] for rec in records} == {1}
+    import rdbt_cli.runner
+
+    def no_loading(*a, **k):
+        raise AssertionError("models loaded for a bad template")
+
+    monkeypatch.setattr(rdbt_cli.runner, "Runner", no_loading)
+    for template, needle in (("__missing__ hair", "__missing__"), ("{a||b}", "empty option")):
+        r = run("gen", template, "--out", tmp_path / "bad", *TINY)
+        assert r.exit_code != 0 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_batch_line_with_a_bad_template_fails_alone(tmp_path, folder, monkeypatch):
+    monkeypatch.setenv("RDBT_HOME", str(folder.parent))
+    text = "__color__ eyes\n__nope__ eyes\n{a||b}\nplain\n"
+    bp = batch.plan(text, LoadParams(model="tiny"), GenParams(), out_dir=tmp_path)
+    assert sorted(bp.lines) == [1, 4]
+    assert "line 2" in bp.failures[2] and "__nope__" in bp.failures[2]
+    assert "line 3" in bp.failures[3] and "empty option" in bp.failures[3]
+    job = bp.planner.job(bp.lines[1][0], 3, 0, bp.planner.paths("tiny"))
+    assert job.settings.prompt.endswith(" eyes") and job.extra["prompt_template"] == "__color__ eyes"
