@@ -24,6 +24,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 IGNORED_KEY_PARTS = ("pos_embedder.", "_extra_state", "accum_")
 
 
+_GGUF_HERE = "a GGUF file, which rdbt reads only as the diffusion model (--model); use a .safetensors file here"
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
     """Return (tensor entries, __metadata__) of a safetensors file, checking it is whole.
 
@@ -40,12 +43,12 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
             "convert it to .safetensors or download the .safetensors release"
         )
     if p.suffix.lower() == ".gguf":
-        raise CheckpointError(f"{p}: GGUF files are not supported yet; use the .safetensors release")
+        raise CheckpointError(f"{p}: {_GGUF_HERE}")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)
         if head[:4] == b"GGUF":
-            raise CheckpointError(f"{p}: GGUF files are not supported yet; use the .safetensors release")
+            raise CheckpointError(f"{p}: {_GGUF_HERE}")
         if len(head) < 8:
             raise CheckpointError(f"{p}: file is empty or truncated ({size} bytes); download it again")
         (n,) = struct.unpack("<Q", head)
@@ -412,8 +415,9 @@ def classify_header(header: dict, meta: dict) -> tuple[str, dict]:
 def classify(path: str | os.PathLike) -> FileInfo:
     """Identify a model file from its header alone (formats.md §1.7); tensors are never read.
 
-    Damaged, pickled and GGUF files come back as kinds 'broken', 'pickle' and 'gguf' with the reason in
-    details['error'] / details['unsupported']; only a missing path raises CheckpointError.
+    Damaged, pickled and GGUF files other than an Anima DiT come back as kinds 'broken', 'pickle' and 'gguf' with the
+    reason in details['error'] / details['unsupported']; a GGUF Anima DiT is a 'dit' with details['format'] 'gguf'.
+    Only a missing path raises CheckpointError.
     """
     p = Path(path)
     if p.is_symlink() and not p.exists():  # a dangling link in a models folder is one bad row, not a failed listing
@@ -429,7 +433,9 @@ def classify(path: str | os.PathLike) -> FileInfo:
     except OSError as err:  # unreadable (permissions, I/O error): one row, not the end of the listing
         return FileInfo(p, "broken", {"error": f"{p}: cannot read ({err.strerror}); check its permissions"}, size)
     if magic == b"GGUF" or p.suffix.lower() == ".gguf":
-        return FileInfo(p, "gguf", _gguf_details(p), size)
+        details = _gguf_details(p)
+        kind = "broken" if "error" in details else "gguf" if "unsupported" in details else "dit"
+        return FileInfo(p, kind, details, size)
     if p.suffix.lower() in PICKLE_SUFFIXES + (".pt2",):
         why = "pickle checkpoint: never loaded (can run code); convert it to .safetensors"
         return FileInfo(p, "pickle", {"unsupported": why}, size)
@@ -443,15 +449,45 @@ def classify(path: str | os.PathLike) -> FileInfo:
     return FileInfo(p, kind, details, size)
 
 
-# GGUF: only the key/value table and tensor names are read (ggml type ids from ggml.h).
+# GGUF: only the key/value table and the tensor table are read (ggml type ids from ggml.h / gguf.GGMLQuantizationType).
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
-               12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+               11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+               19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+               27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0"}
+# general.file_type, the name llama.cpp's quantiser gives the whole file (gguf.LlamaFileType): a Q5_K_M file mixes
+# Q5_K and Q6_K tensors, so the tensor types alone do not name it.
+_GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+                    18: "Q6_K", 32: "BF16"}
+GGUF_TE_NOTE = ("a GGUF text encoder; rdbt reads GGUF only for the diffusion model, pass the "
+                "qwen_3_06b_base.safetensors text encoder")
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether the file is GGUF by its magic or by its name (a .gguf file with a damaged magic is a damaged GGUF, so
+    that is what its error says)."""
+    if Path(path).suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _gguf_details(p: Path) -> dict:
-    d: dict = {"unsupported": "GGUF is not supported yet; use the .safetensors release"}
+    """What the header of a GGUF file tells (formats.md §1.6): arch, file type, tensor types, and for an Anima DiT its
+    blocks and width. An Anima DiT is kind 'dit' (rdbt loads it); other GGUF files say why not in 'unsupported'."""
+    from gguf import GGML_QUANT_SIZES  # numpy only; (values per block, bytes per block) of every ggml type
+
+    d: dict = {"format": "gguf"}
+    by_type: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    sizes = {int(t): v for t, v in GGML_QUANT_SIZES.items()}
+    alignment = 32  # GGUF's default
     try:
+        size = p.stat().st_size
         with open(p, "rb") as f:
             def take(fmt):
                 n = struct.calcsize(fmt)
@@ -471,6 +507,8 @@ def _gguf_details(p: Path) -> dict:
                     return string()
                 if t == 9:
                     et, n = take("<I"), take("<Q")
+                    if n > size:
+                        raise ValueError("implausible array length")
                     if et == 8:
                         for _ in range(n):
                             string()
@@ -483,29 +521,74 @@ def _gguf_details(p: Path) -> dict:
                 raise ValueError("bad magic")
             d["version"] = take("<I")
             n_tensors, n_kv = take("<Q"), take("<Q")
+            if n_tensors > size or n_kv > size:
+                raise ValueError("implausible counts")
             for _ in range(n_kv):
                 key = string()
                 v = value(take("<I"))
                 if key == "general.architecture":
                     d["arch"] = v
-            names, types = [], set()
-            for _ in range(min(n_tensors, 100_000)):
-                names.append(string())
-                f.seek(8 * take("<I"), 1)
-                types.add(_GGML_TYPES.get(take("<I"), "?"))
-                take("<Q")
+                elif key == "general.file_type" and isinstance(v, int):
+                    d["file_type"] = _GGUF_FILE_TYPES.get(v, str(v))
+                elif key == "general.alignment" and isinstance(v, int) and v > 0:
+                    alignment = v
+            end = 0
+            for _ in range(n_tensors):
+                name = string()
+                n_dims = take("<I")
+                if n_dims > 8:
+                    raise ValueError("implausible dimensions")
+                dims = [take("<Q") for _ in range(n_dims)]
+                type_id, offset = take("<I"), take("<Q")
+                kind = _GGML_TYPES.get(type_id, "?")
+                shapes[name] = dims[::-1]  # ggml lists the fastest dimension first; torch the slowest
+                by_type[kind] = by_type.get(kind, 0) + _numel(dims)
+                block, nbytes = sizes.get(type_id, (1, 0))
+                end = max(end, offset + _numel(dims) // block * nbytes)
+            data_start = -(-f.tell() // alignment) * alignment
     except (OSError, EOFError, ValueError, KeyError, struct.error):
-        d["error"] = "unreadable GGUF header"
-        return d
-    found = identify(set(names))
+        return {**d, "error": f"{p}: damaged or truncated GGUF header; download the file again"}
+    if end and data_start + end > size:
+        return {**d, "error": f"{p}: truncated GGUF file ({size:,} bytes, its tensors need {data_start + end:,}); "
+                              "download it again"}
+    d["types"] = "+".join(sorted(by_type, key=lambda k: -by_type[k]))
+    # The file's own name for its quantisation, else its most common tensor type (Q4_K for most of a Q4_K_M file).
+    d["quant"] = d.pop("file_type", None) or next(iter(sorted(by_type, key=lambda k: -by_type[k])), "?")
+    names = set(shapes)
+    found = identify(names)
     if found and found[0].kind in ("dit", "cosmos_dit"):
         fmt, pre = found
+        sub = {n[len(pre):]: {"shape": s} for n, s in shapes.items() if n.startswith(pre)}
+        d["prefix"] = pre
+        d |= _dit_details(sub)
         d["component"] = fmt.kind
-        d["blocks"] = _blocks(n[len(pre):] for n in names if n.startswith(pre))
+        if fmt is not DIT_FILE:
+            d["unsupported"] = f"{fmt.label}; {fmt.fix}"
     elif any(n.startswith(("blk.0.attn_q", "token_embd")) for n in names):  # llama.cpp names (formats.md §1.6)
         d["component"] = "te"
-    d["quant"] = "+".join(sorted(types))
+        d["unsupported"] = GGUF_TE_NOTE
+    else:
+        d["unsupported"] = "not an Anima diffusion model; rdbt reads GGUF only for Anima's diffusion model"
     return d
+
+
+def check_model_file(path: str | os.PathLike, kind: str = "dit") -> None:
+    """Fail now, with the file's name and the fix, on a file that cannot load as `kind`: truncated, pickled, or a
+    GGUF file that is no Anima DiT. Reads the header only."""
+    if kind != "dit" or not is_gguf(path):
+        read_safetensors_header(path)
+        return
+    d = _gguf_details(Path(path))
+    if "error" in d or "unsupported" in d:
+        raise CheckpointError(d.get("error") or f"{path}: {d['unsupported']}")
+
+
+def format_record(path: str | os.PathLike) -> dict:
+    """How a recipe names a model file's storage when it is not plain safetensors: {'format': 'gguf', 'quant':
+    'Q5_K_M'} (the quantisation decides the image as much as the file does); {} otherwise."""
+    if not is_gguf(path):
+        return {}
+    return {"format": "gguf", "quant": _gguf_details(Path(path)).get("quant")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

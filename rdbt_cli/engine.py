@@ -26,6 +26,7 @@ from rdbt_cli.discovery import (
     TE_FILE,
     VAE_FILE,
     FileFormat,
+    is_gguf,
     is_ignored_key,
     read_safetensors_header,
     strip_prefix,
@@ -127,6 +128,49 @@ def read_checkpoint(
     except Exception as exc:  # safetensors raises its own types for damaged files
         raise CheckpointError(f"{path}: could not read tensors ({exc}); download the file again") from None
     return sd, meta
+
+
+def read_gguf(path: str | os.PathLike, cast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """An Anima DiT stored as GGUF the way ComfyUI-GGUF writes it (tools/convert.py, arch `cosmos`; formats.md §1.6),
+    keys stripped of their prefix.
+
+    ggml lists a tensor's dimensions fastest first, so the torch shape is the reverse, unless the file records it as
+    `comfy.gguf.orig_shape.<name>` (loader.py::get_orig_shape). Every tensor is dequantised here, once, on the CPU,
+    by the gguf package (gguf.quants.dequantize), and kept as `cast` (fp32 when None): the model then runs like a
+    .safetensors one and LoRAs merge as usual. Dequantising per layer at run time would keep a GPU's memory at the
+    file's size instead; that is not done yet.
+    """
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+        tensors = list(reader.tensors)
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct/numpy errors on damaged files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({str(exc)[:120]}); download it again") from None
+    prefix = DIT_FILE.locate({t.name for t in tensors}, path)
+    sd: dict[str, torch.Tensor] = {}
+    for t in tensors:
+        if not t.name.startswith(prefix) or is_ignored_key(t.name):
+            continue
+        try:
+            field = reader.get_field(f"comfy.gguf.orig_shape.{t.name}")
+            shape = ([int(field.parts[i][0]) for i in field.data] if field is not None
+                     else [int(n) for n in reversed(t.shape)])
+            qtype = gguf.GGMLQuantizationType(t.tensor_type)
+            data = np.asarray(t.data)
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                array = np.array(data, copy=True)  # off the read-only memory map
+            else:
+                array = gguf.quants.dequantize(data, qtype)
+            if array.size != math.prod(shape):
+                raise ValueError(f"{array.size} values for shape {shape}")
+            value = torch.from_numpy(array).reshape(shape)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: GGUF tensor {t.name!r} cannot be read ({str(exc)[:120]}); the file is "
+                                  "damaged, download it again") from None
+        sd[t.name[len(prefix):]] = value.to(cast or torch.float32)
+    return sd
 
 
 def _read_as(fmt: FileFormat, path: Path, cast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -793,14 +837,16 @@ def load_dit(
     dtype: torch.dtype | None = None,
     keep_fp8: bool = True,
 ) -> AnimaDiT:
-    """Load an Anima DiT + adapter file (prefix net./model.diffusion_model./diffusion_model. or bare), strict.
+    """Load an Anima DiT + adapter file (prefix net./model.diffusion_model./diffusion_model. or bare), strict; a
+    .safetensors file, or a GGUF one (`read_gguf`: dequantised at load).
 
     dtype: the compute dtype and the storage dtype of non-fp8 tensors (None: as stored; fp8 files then compute in
     bf16 on CUDA, fp32 on CPU). A float8 dtype stores the linear weights fp8 and computes in the default above.
     fp8 linear weights (plain, or ComfyUI scaled) stay fp8 and are upcast per call unless keep_fp8 is false;
     timestep-embedding and AdaLN weights are always dequantised at load.
     """
-    sd = _read_as(DIT_FILE, Path(path), cast=None if dtype in FP8_DTYPES else dtype)
+    cast = None if dtype in FP8_DTYPES else dtype
+    sd = read_gguf(path, cast) if is_gguf(path) else _read_as(DIT_FILE, Path(path), cast=cast)
     dit_params, adapter_params = infer_dit_params(sd, path)
     with torch.device("meta"):
         model = AnimaDiT(dit_params, adapter_params)

@@ -142,8 +142,8 @@ class Planner:
         dit = discovery.resolve_component("dit", model, dirs)
         te = discovery.resolve_component("te", self.load.text_encoder, dirs)
         vae = discovery.resolve_component("vae", self.load.vae, dirs)
-        for path in (dit, te, vae):
-            discovery.read_safetensors_header(path)  # a truncated or pickled file fails here, before anything loads
+        for kind, path in (("dit", dit), ("te", te), ("vae", vae)):
+            discovery.check_model_file(path, kind)  # a truncated or pickled file fails here, before anything loads
         qwen, t5 = text.find_tokenizers(self.load.qwen_tokenizer, self.load.t5_tokenizer, text_encoder=te,
                                         models_dirs=dirs)
         return ModelPaths(dit=dit, text_encoder=te, vae=vae, qwen_tokenizer=qwen, t5_tokenizer=t5)

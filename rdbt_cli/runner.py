@@ -100,6 +100,7 @@ class Runner:
         self.tiny = load.model == TINY
         if not self.tiny:
             self.hashes.start(paths.dit, paths.text_encoder, paths.vae)
+        self.dit_format = {} if self.tiny else discovery.format_record(paths.dit)  # GGUF: the recipe says which quant
         self.models = pipeline.Models.load(paths, device=load.device, dtype=load.dtype, low_vram=load.low_vram,
                                            attention=load.attention, compile=load.compile, callback=callback)
         warning = pipeline.dtype_warning(self.models.dtype, self.models.device)
@@ -149,7 +150,7 @@ class Runner:
         eng = self.models
         return metadata.make_recipe(
             job.settings, seed=job.seed, index=job.index,
-            model=dict(metadata.TINY_COMPONENT) if self.tiny else component(self.paths.dit),
+            model=dict(metadata.TINY_COMPONENT) if self.tiny else component(self.paths.dit) | self.dit_format,
             text_encoder=None if self.tiny else component(self.paths.text_encoder),
             vae=None if self.tiny else component(self.paths.vae),
             loras=[metadata.lora_record(path, weight, self.hashes.get(path)) for path, weight in job.loras],

@@ -230,11 +230,13 @@ def write_gguf(path, arch="cosmos", names=("blocks.0.mlp.layer1.weight", "blocks
     return Path(path)
 
 
-def test_gguf_is_listed_as_unsupported(tmp_path):
+def test_gguf_dit_is_a_model_and_other_gguf_is_listed_as_unsupported(tmp_path):
     info = classify(write_gguf(tmp_path / "anima-Q8_0.gguf"))
-    assert info.kind == "gguf" and not info.supported
+    assert info.kind == "dit" and info.supported and info.details["format"] == "gguf"
     assert (info.details["arch"], info.details["component"], info.details["blocks"]) == ("cosmos", "dit", 2)
-    assert info.details["quant"] == "Q8_0" and "not supported" in info.details["unsupported"]
+    assert info.details["quant"] == "Q8_0" and "unsupported" not in info.details
+    te = classify(write_gguf(tmp_path / "qwen3.gguf", arch="qwen3", names=("token_embd.weight", "blk.0.attn_q.weight")))
+    assert te.kind == "gguf" and not te.supported and "text encoder" in te.details["unsupported"]
 
 
 def test_golden_models_classify():
@@ -413,7 +415,7 @@ def test_inventory_lists_everything(models, tmp_path):
     items = discovery.inventory([models, models])
     by_name = {i.path.name: i for i in items}
     assert len(items) == len(by_name) == 9
-    assert by_name["anima-Q8_0.gguf"].kind == "gguf" and by_name["old.ckpt"].kind == "pickle"
+    assert by_name["anima-Q8_0.gguf"].kind == "dit" and by_name["old.ckpt"].kind == "pickle"
     assert by_name["watercolor.safetensors"].kind == "lora"
     vae = by_name["qwen_image_vae.safetensors"]
     assert vae.hash == hashlib.sha256(vae.path.read_bytes()).hexdigest()[:10]
