@@ -113,6 +113,9 @@ SAMPLER_NAMES = (
     "er_sde", "sa_solver_pece", "sa_solver", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "res_multistep",
 )
 SCHEDULER_NAMES = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "linear_quadratic")
+# How a LoRA made for the 28-block Anima meets a depth-expanded model (40 or 52 blocks): refused unless one is chosen;
+# lora.remap_blocks implements the others.
+LORA_REMAPS = ("refuse", "expand", "spread", "first")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8")
 ATTENTION_BACKENDS = ("sdpa", "xformers")

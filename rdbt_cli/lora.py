@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from rdbt_cli.config import LORA_REMAPS
 from rdbt_cli.discovery import PICKLE_SUFFIXES, file_hashes, read_safetensors_header
 from rdbt_cli.errors import CheckpointError, LoraError
 
@@ -240,6 +241,33 @@ DIFFUSERS_NAMES = {
     "final_layer.adaln_modulation.2": "norm_out.linear_2",
     "final_layer.linear": "proj_out",
 }
+
+
+BASE_BLOCKS = 28  # the released Anima DiT; a LoRA trained on it names blocks 0-27
+# Depth expansions whose inserted blocks are known: (base, expanded) -> the new blocks' indices, the others being the
+# base blocks in order. Anima-2.9B grows 28 blocks to 40 LLaMA-Pro style (landscape.md §1; the same table as SD.Next's
+# pipelines/anima/anima_lora.py BLOCK_EXPANSIONS; ComfyUI-EasyUseAnima remaps "to the 28 inherited block positions").
+BLOCK_EXPANSIONS = {(28, 40): (2, 5, 8, 11, 14, 17, 21, 24, 27, 30, 33, 36)}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def remap_blocks(mode: str, blocks: int, base: int = BASE_BLOCKS) -> dict[int, int]:
+    """{block of the `base`-block model: its block in a `blocks`-block expansion}, for `--lora-remap`.
+
+    expand: where each base block went in a known expansion (Anima-2.9B); spread: block i to
+    round(i·(blocks−1)/(base−1)), the same relative depth, for expansions without a table; first: as named."""
+    if mode == "first":
+        return {i: i for i in range(base)}
+    if mode == "spread":
+        return {i: math.floor(i * (blocks - 1) / (base - 1) + 0.5) for i in range(base)}
+    if mode == "expand":
+        inserted = BLOCK_EXPANSIONS.get((base, blocks))
+        if inserted is None:
+            known = ", ".join(f"{b}->{e}" for b, e in BLOCK_EXPANSIONS)
+            raise LoraError(f"--lora-remap expand knows the blocks kept by {known} only, not by {base}->{blocks}; use "
+                            "--lora-remap spread (same relative depth) or first (blocks as named)")
+        return dict(enumerate(n for n in range(blocks) if n not in inserted))
+    raise LoraError(f"unknown --lora-remap {mode!r}; choose one of {', '.join(LORA_REMAPS)}")
 
 
 def _flat(name: str) -> str:
@@ -595,28 +623,37 @@ def apply_loras(
     loras: list[tuple[LoraFile, float | tuple[float, float]]],
     *,
     allow_unmatched: bool = False,
+    remap: str = "refuse",
 ) -> Patch:
     """Merge Σ sᵢ·scaleᵢ·ΔWᵢ of the stack into `targets` ({"dit": dit, "te": te}); undo with `Patch.undo()`.
 
     A weight is one strength for every target, or (model, te) like ComfyUI's strength_model / strength_clip (the LLM
     adapter is part of the model). Every file is checked against the models before any weight changes: a file none of
     whose modules fit, or (unless `allow_unmatched`) one with modules that do not fit, raises LoraError.
+
+    A LoRA whose DiT blocks all lie below 28 met with a deeper DiT (a 40/52-block expansion) was most likely made for
+    the 28-block model, whose block numbers name other blocks there: refused unless `remap` (config.LORA_REMAPS) says
+    how to move them (`remap_blocks`).
     """
     names = _param_names(targets)
     index = _name_index(names)
     params = {t: dict(m.named_parameters()) for t, m in targets.items()}
+    depth = len({m.group(1) for n in names.get("dit", ()) if (m := _BLOCK.match(n))})
     patch = Patch()
     plan: dict[tuple[str, str], list[tuple[LoraFile, LoraModule, float]]] = {}  # in stack order
     for lf, weight in loras:
         strength = _strengths(weight)
         bad: list[str] = []
         fits = []
+        moved = _moved_blocks(lf, index, depth, remap)
         for base, mod in lf.modules.items():
             hit = index.get(base)
             if hit is None:
                 bad.append(base)
                 continue
             target, module = hit
+            if moved and target == "dit" and (m := _BLOCK.match(module)):
+                module = f"blocks.{moved[int(m.group(1))]}.{module[m.end():]}"
             w = params[target][f"{module}.weight"]
             shape, want = mod.kind.shape(mod.tensors), mod.kind.model_shape(w.shape)
             if shape is not None and shape != want:
@@ -667,6 +704,21 @@ def apply_loras(
         patch.undo()  # all or nothing: a refused merge (or Ctrl-C) leaves the model as it was
         raise
     return patch
+
+
+def _moved_blocks(lf: LoraFile, index: dict, depth: int, remap: str) -> dict[int, int] | None:
+    """The block remap for one file on a `depth`-block DiT: None when its blocks need no moving."""
+    used = [int(m.group(1)) for base in lf.modules if (hit := index.get(base)) and hit[0] == "dit"
+            and (m := _BLOCK.match(hit[1]))]
+    if depth <= BASE_BLOCKS or not used or max(used) >= BASE_BLOCKS:
+        return None
+    if remap == "refuse":
+        raise LoraError(
+            f"{lf.path}: made for the {BASE_BLOCKS}-block Anima (its blocks stop at {max(used)}), but this model has "
+            f"{depth} blocks, where those numbers name other blocks; choose --lora-remap expand (where Anima-2.9B "
+            f"keeps the {BASE_BLOCKS} blocks), spread (block i to i*{depth - 1}/{BASE_BLOCKS - 1}) or first (as "
+            "named, for a LoRA trained on this model)")
+    return None if remap == "first" else remap_blocks(remap, depth)
 
 
 def _term(mod: LoraModule, shape, device, is_bias: bool, out=None) -> tuple[torch.Tensor, float]:

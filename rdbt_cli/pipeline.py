@@ -159,8 +159,9 @@ class Models:
         """Whether DiT weights are stored fp8 (recorded: a LoRA merged into fp8 weights is requantised)."""
         return any(p.dtype in engine.FP8_DTYPES for p in self.dit.parameters())
 
-    def set_loras(self, loras: list[tuple[Path, float]], *, allow_unmatched: bool = False):
-        """Undo the previous stack (exactly) and merge this one; no reload. Returns the Patch (or None)."""
+    def set_loras(self, loras: list[tuple[Path, float]], *, allow_unmatched: bool = False, remap: str = "refuse"):
+        """Undo the previous stack (exactly) and merge this one; no reload. Returns the Patch (or None). `remap`:
+        how 28-block LoRAs meet a deeper DiT (lora.apply_loras)."""
         from rdbt_cli import lora
 
         if self.patch is not None:
@@ -170,7 +171,7 @@ class Models:
         if loras:
             files = [(lora.parse_lora_file(p), w) for p, w in loras]
             self.patch = lora.apply_loras(
-                {"dit": self.dit, "te": self.text_encoder}, files, allow_unmatched=allow_unmatched
+                {"dit": self.dit, "te": self.text_encoder}, files, allow_unmatched=allow_unmatched, remap=remap
             )
         return self.patch
 

@@ -107,28 +107,29 @@ class Runner:
         if warning:
             self.on_warning(warning)
         self._stack: Optional[list] = None
+        self._remap: Optional[str] = None  # the --lora-remap the stack was merged with
         self._noted: set = set()
         self.made = 0
 
-    def set_loras(self, loras: list, callback=None) -> None:
-        if loras == self._stack:
+    def set_loras(self, loras: list, callback=None, remap: str = "refuse") -> None:
+        if loras == self._stack and remap == self._remap:
             return
         if loras or self._stack:
             pipeline.report(callback, "lora", files=[Path(p).name for p, _ in loras])
         self._stack = None  # a failed merge leaves no stack we could vouch for
         if not self.tiny:
             self.hashes.start(*(path for path, _ in loras))
-        patch = self.models.set_loras(loras, allow_unmatched=self.allow_unmatched)
+        patch = self.models.set_loras(loras, allow_unmatched=self.allow_unmatched, remap=remap)
         for warning in getattr(patch, "warnings", []) or []:
             self.on_warning(warning)
-        self._stack = list(loras)
+        self._stack, self._remap = list(loras), remap
 
     def run(self, job: Job, callback=None) -> Made:
         for note in job.notes:  # once per Runner, not once per image of a --count
             if note not in self._noted:
                 self._noted.add(note)
                 self.on_warning(note)
-        self.set_loras(job.loras, callback)
+        self.set_loras(job.loras, callback, job.settings.lora_remap or "refuse")
         result = pipeline.generate(self.models, job.settings, seed=job.seed, index=job.index, callback=callback)
         timings = {k: round(v, 4) for k, v in result.timings.items() if k != "first_step_at"}
         if self.made == 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path, PurePath
 from typing import Callable, Optional
 
-from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoraSpec
+from rdbt_cli.config import LORA_REMAPS, SAMPLER_NAMES, SCHEDULER_NAMES, LoraSpec
 from rdbt_cli.errors import ConfigError
 
 GEN_PANEL = "Generation"
@@ -410,6 +410,10 @@ SETTINGS: tuple[Setting, ...] = (
             applies=_hires_on),
     Setting("loras", list, [], "NAME[:WEIGHT], repeatable; on top of the persistent stack.", _loras, ("--lora",),
             preset="lora"),
+    Setting("lora_remap", str, "refuse", "LoRAs made for the 28-block Anima on a 40/52-block model (Anima-2.9B): "
+            "refuse, expand (onto the blocks 2.9B kept), spread (same relative depth) or first (as named).",
+            _choice("LoRA remap", LORA_REMAPS), ("--lora-remap",), preset="lora_remap", recipe="lora_remap",
+            applies=lambda v: bool(v.get("loras"))),
     Setting("nag_scale", float, 0.0, "NAG (normalized attention guidance): the negative prompt works at CFG 1 too, "
             "for about the cost of one more cross-attention; 0 is off, 5 the usual.", _nag_scale, ("--nag-scale",),
             preset="nag_scale", recipe="nag_scale", a1111="NAG scale", a1111_extension=True, applies=_nag_on,
