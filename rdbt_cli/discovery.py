@@ -351,11 +351,13 @@ def _lora_details(header: dict, meta: dict) -> dict:
             break
     d["alpha"] = any(k.endswith(".alpha") for k in keys)
     targets = []
-    if any("llm_adapter" in k for k in keys):
+    adapter = ("llm_adapter", "text_conditioner.")  # diffusers names the adapter `text_conditioner`
+    if any(a in k for k in keys for a in adapter):
         targets.append("adapter")
     if any(k.startswith(("lora_te", "text_encoders.")) for k in keys):
         targets.append("te")
-    if any("blocks" in k and "llm_adapter" not in k and not k.startswith(("lora_te", "text_encoders.")) for k in keys):
+    if any("blocks" in k and not any(a in k for a in adapter) and not k.startswith(("lora_te", "text_encoders."))
+           for k in keys):
         targets.insert(0, "dit")
     d["targets"] = "+".join(targets) or "?"
     if meta.get("ss_base_model_version"):

@@ -56,6 +56,9 @@ def test_file_has_diffusers_text_conditioner_names(saved):
     assert "text_conditioner.blocks.1.cross_attn.o_proj" in lf.modules
     meta = json.loads(lf.metadata["lora_adapter_metadata"])
     assert meta["text_conditioner.lora_alpha"] == 8 and meta["text_conditioner.r"] == 4
+    from rdbt_cli.discovery import classify
+
+    assert classify(path).details["targets"] == "adapter"  # `rdbt models` says what it changes
     targets = lf.target_names({"dit": saved[0]})
     assert targets["text_conditioner.blocks.0.self_attn.q_proj"] == "dit:llm_adapter.blocks.0.self_attn.q_proj"
     assert None not in targets.values()
