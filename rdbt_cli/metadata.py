@@ -469,6 +469,7 @@ def _float(v):
 # class_type -> (title, output (name, type) list); the subset of ComfyUI's nodes an Anima workflow uses.
 _COMFY_NODES = {
     "UNETLoader": ("Load Diffusion Model", [("MODEL", "MODEL")]),
+    "UnetLoaderGGUF": ("Unet Loader (GGUF)", [("MODEL", "MODEL")]),  # city96/ComfyUI-GGUF nodes.py
     "CLIPLoader": ("Load CLIP", [("CLIP", "CLIP")]),
     "VAELoader": ("Load VAE", [("VAE", "VAE")]),
     "LoraLoaderModelOnly": ("LoraLoaderModelOnly", [("MODEL", "MODEL")]),
@@ -522,8 +523,11 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
         nodes.append(node)
         return node["id"]
 
-    unet = add("UNETLoader", [("unet_name", _file_name(recipe.get("model"), "anima.safetensors")),
-                              ("weight_dtype", "default")])
+    unet_name = _file_name(recipe.get("model"), "anima.safetensors")
+    if isinstance(recipe.get("model"), dict) and recipe["model"].get("format") == "gguf":
+        unet = add("UnetLoaderGGUF", [("unet_name", unet_name)])  # UNETLoader lists no .gguf files
+    else:
+        unet = add("UNETLoader", [("unet_name", unet_name), ("weight_dtype", "default")])
     clip = add("CLIPLoader", [("clip_name", _file_name(recipe.get("text_encoder"), COMFY_DEFAULT_TE)),
                               ("type", "stable_diffusion"), ("device", "default")])
     vae = add("VAELoader", [("vae_name", _file_name(recipe.get("vae"), COMFY_DEFAULT_VAE))])

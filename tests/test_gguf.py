@@ -112,6 +112,11 @@ def test_gen_runs_a_gguf_model_and_records_it(tmp_path, tiny_sd):
     recipe = json.loads(Image.open(out).text["rdbt"])
     assert recipe["model"]["file"] == "anima-Q8_0.gguf"
     assert (recipe["model"]["format"], recipe["model"]["quant"]) == ("gguf", "Q8_0")
+    # ComfyUI's UNETLoader lists no .gguf file: the graph loads it with ComfyUI-GGUF's loader node
+    graph = json.loads(Image.open(out).text["prompt"])
+    loader = next(n for n in graph.values() if "unet_name" in n["inputs"])
+    assert loader["class_type"] == "UnetLoaderGGUF" and list(loader["inputs"]) == ["unet_name"]
+    assert loader["inputs"]["unet_name"].endswith("anima-Q8_0.gguf")
 
 
 def _header_only(path: Path, body: bytes) -> Path:
