@@ -16,11 +16,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from rdbt_cli import __version__, completion, console, settings
+from rdbt_cli import __version__, completion, console, grid_cmd, settings
 from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.console import Progress
 from rdbt_cli.errors import ConfigError, RdbtError, Terminated
-from rdbt_cli.options import OUT, Attention, DebugAnywhere, Device, DType, flag, generating
+from rdbt_cli.options import (OUT, AllowUnmatchedOpt, Attention, DebugAnywhere, Device, DType, JsonOpt, NoStackOpt,
+                               PresetOpt, QuietOpt, flag, generating)
 
 
 app = typer.Typer(
@@ -97,11 +98,7 @@ def main(
     _state["debug"] = debug
 
 
-PresetOpt = Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=settings.GEN_PANEL, metavar="NAME|PATH", autocompletion=completion.presets)]
-NoStackOpt = Annotated[bool, flag("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=settings.GEN_PANEL)]
-AllowUnmatchedOpt = Annotated[bool, flag("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=settings.GEN_PANEL)]
-JsonOpt = Annotated[bool, flag("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
-QuietOpt = Annotated[bool, flag("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
+app.command("grid")(friendly_errors(grid_cmd.grid))  # its options: grid_cmd.py; the grid: grid.py
 
 
 def _warn(message: str) -> None:

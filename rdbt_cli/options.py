@@ -30,6 +30,13 @@ def flag(*decls: str, **kw):
 LOAD = "Models and hardware"
 OUT = "Output"
 
+# Options that gen, batch and grid share.
+PresetOpt = Annotated[Optional[str], typer.Option(help="Preset name or TOML path (see `rdbt presets`).", rich_help_panel=settings.GEN_PANEL, metavar="NAME|PATH", autocompletion=completion.presets)]
+NoStackOpt = Annotated[bool, flag("--no-stack", help="Ignore the persistent LoRA stack.", rich_help_panel=settings.GEN_PANEL)]
+AllowUnmatchedOpt = Annotated[bool, flag("--allow-unmatched", help="Apply LoRAs even if some keys do not fit (with a warning).", rich_help_panel=settings.GEN_PANEL)]
+JsonOpt = Annotated[bool, flag("--json", help="One JSON record per image on stdout.", rich_help_panel=OUT)]
+QuietOpt = Annotated[bool, flag("--quiet", "-q", help="No progress bar.", rich_help_panel=OUT)]
+
 # LoadParams fields as options: (name, type, default, help).
 _LOAD_OPTIONS = (
     ("model", Optional[str], None, "DiT: a path, a name in the models folder, or 'tiny'."),

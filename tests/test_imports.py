@@ -28,6 +28,8 @@ ALLOWED = {
     "pipeline": {"config", "engine", "errors", "images", "sampling", "settings", "text", "lora"},
     "tiny": {"config", "engine", "text"},
     "wildcards": {"config", "errors"},
+    "grid": {"config", "errors", "settings", "jobs", "metadata", "runner"},
+    "grid_cmd": {"config", "settings", "options", "grid", "metadata", "console"},
     "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images",
              "wildcards"},
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
@@ -37,7 +39,7 @@ ALLOWED = {
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
-    "cli", "images", "completion", "options", "wildcards",
+    "cli", "images", "completion", "options", "wildcards", "grid", "grid_cmd",
 ]
 
 
