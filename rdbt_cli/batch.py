@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from rdbt_cli.errors import ConfigError, OutputError, RdbtError, io_problem
-from rdbt_cli.settings import SETTINGS, SIZE_FLAG, GenParams, parse_size
+from rdbt_cli.settings import SETTINGS, SIZE_FLAG, GenParams, images_of, parse_size, seed_at
 
 # A batch line may override every setting the table marks `batch`, with its flags, plus --preset and --size.
 _LINE_SETTINGS = {flag: s for s in SETTINGS if s.batch for flag in s.flags}
@@ -412,7 +412,7 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
     manifest = bid if legacy else NEW_MANIFEST
     done = load_done(out_dir, manifest)
     identities = None if legacy else {ln: job_identity(g, m, load) for ln, (g, p, m) in resolved.items()}
-    counts = {ln: r[0].count or 1 for ln, r in resolved.items()}
+    counts = {ln: images_of(r[0].seed, r[0].count) for ln, r in resolved.items()}
     every = {job.key for job in plan_jobs(good, counts, identities=identities)}  # all ranks' jobs
     jobs = plan_jobs(good, counts, rank, world, done, identities)
     return BatchPlan(bid, resolved, jobs, len(every & done.keys()), failures, planner, manifest)
@@ -431,8 +431,10 @@ def _already_saved(path: Path, job_key: str) -> bool:
 
 
 def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmatched: bool = False,
-        on_image=None, callback=None, on_warning=None):
+        on_image=None, callback=None, on_warning=None, name=None):
     """Make this rank's jobs; yields (path, runner.Made) after each image and its manifest line are written.
+
+    `name(job, default_stem, dit=..., line=...)` gives an image's file stem (--name); by default L<line>-<index>-<seed>.
 
     One model per batch process: the first job's. Lines that resolve to another file fail with that reason, as do
     lines whose LoRAs are missing or do not fit; the rest go on.
@@ -456,18 +458,20 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
             if ln in bp.failures:
                 continue
             g, p, wanted = bp.lines[ln]
-            seed = (g.seed + current.index) % 2**64
+            seed = seed_at(g.seed, g.count, current.index) % 2**64
             stem = f"L{ln:04d}-{current.index:03d}-{seed}"
             try:
                 if planner.identity(wanted) != loaded:
                     raise ConfigError(f"it asks for model {wanted or 'the default model'!r} but this batch runs "
                                       f"{Path(paths.dit).name!r}; put those lines in their own batch")
+                job = planner.job(g, seed, current.index, paths, p, wanted,
+                                  batch={"id": bp.id, "line": ln, "job": current.key})
+                if name is not None:
+                    stem = name(job, stem, dit=paths.dit, line=ln)
                 if _already_saved(out_dir / f"{stem}.png", current.key):
                     # Killed after the PNG was written but before its manifest line: record it, do not make it twice.
                     manifest.add(current, f"{stem}.png", seed)
                     continue
-                job = planner.job(g, seed, current.index, paths, p, wanted,
-                                  batch={"id": bp.id, "line": ln, "job": current.key})
                 if on_image:
                     on_image(f"line {ln} #{current.index + 1} seed {seed}", job.steps)
                 made = runner.run(job, callback)

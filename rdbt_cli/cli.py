@@ -21,7 +21,7 @@ from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.console import Progress
 from rdbt_cli.errors import ConfigError, RdbtError, Terminated
 from rdbt_cli.options import (OUT, AllowUnmatchedOpt, Attention, DebugAnywhere, Device, DType, JsonOpt, NoStackOpt,
-                               PresetOpt, QuietOpt, flag, generating)
+                               Output, PresetOpt, QuietOpt, flag, generating)
 
 
 app = typer.Typer(
@@ -125,6 +125,7 @@ def gen(
     allow_unmatched: AllowUnmatchedOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-generate from the recipe recorded in a PNG (flags override).", rich_help_panel=settings.GEN_PANEL)] = None,
     load: LoadParams = None,
+    output: Output = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT, metavar="PATH")] = None,
     as_json: JsonOpt = False,
     no_metadata: Annotated[bool, flag("--no-metadata", help="Write no metadata chunks.", rich_help_panel=OUT)] = False,
@@ -141,12 +142,14 @@ def gen(
     if prompt is None and recipe is None:
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     dest = metadata.check_destination(out or "outputs")
+    if output.name and dest.suffix.lower() == ".png":
+        raise ConfigError(f"--name names the files in a folder, but --out {out} is a file; give --out a folder")
     todo, load, paths = jobs.plan(prompt, load, flags, preset=preset, no_stack=no_stack, recipe=recipe)
     unused = jobs.unused_negative(todo[0].settings)
     if unused:
         _note(unused)
 
-    with Progress(len(todo), quiet) as bar:
+    with Progress(len(todo), quiet, output.preview(quiet, as_json)) as bar:
         from rdbt_cli.runner import Runner  # imports torch: seconds, under the progress line's "starting"
 
         runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=bar.warn, callback=bar.event)
@@ -154,8 +157,8 @@ def gen(
             bar.start_image(f"seed {job.seed}", job.steps)
             made = runner.run(job, bar.event)
             bar.stage("saving")
-            path = metadata.save_png(made.image, dest, None if no_metadata else made.recipe,
-                                     metadata=not no_metadata, stem=f"rdbt-{job.seed}")
+            path = metadata.save_png(made.image, dest, None if no_metadata else made.recipe, metadata=not no_metadata,
+                                     stem=output.stem(job, f"rdbt-{job.seed}", dit=paths.dit))
             bar.done(path, made.recipe, made.timings, as_json)
 
 
@@ -169,6 +172,7 @@ def batch(
     no_stack: NoStackOpt = False,
     allow_unmatched: AllowUnmatchedOpt = False,
     load: LoadParams = None,
+    output: Output = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT, metavar="DIR")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -202,8 +206,8 @@ def batch(
         _note(f"line{'s' if len(unused) > 1 else ''} {', '.join(map(str, unused))}: "
               f"{jobs.unused_negative(bp.lines[unused[0]][0])}")
     made = 0
-    with Progress(len(bp.jobs), quiet) as bar:
-        for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched,
+    with Progress(len(bp.jobs), quiet, output.preview(quiet, as_json)) as bar:
+        for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched, name=output.stem,
                                          on_image=bar.start_image, callback=bar.event, on_warning=bar.warn):
             made += 1
             bar.done(path, image.recipe, image.timings, as_json)

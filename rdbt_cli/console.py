@@ -45,10 +45,19 @@ _STEPPED = ("sample", "hires")  # stages whose steps the bar counts; the others 
 class Progress:
     """Rich progress on stderr: one line for what is happening now (loading each file, encoding, each sampling step
     with it/s and ETA, decoding, saving, hashing), plus an overall bar when there are several images. Pass `event`
-    as the library's callback; `quiet` shows nothing."""
+    as the library's callback; `quiet` shows nothing. A `preview` (preview.Preview) hears each step, and its picture
+    is drawn above the progress line while an image is being made."""
 
-    def __init__(self, total_images: int, quiet: bool):
+    def __init__(self, total_images: int, quiet: bool, preview=None):
         from rich import progress as rp
+
+        shown = self
+
+        class WithPreview(rp.Progress):
+            def get_renderables(self):
+                if shown.showing and shown.preview.current is not None:
+                    yield shown.preview.current
+                yield from super().get_renderables()
 
         class Counts(rp.ProgressColumn):
             """M/N, it/s (or s/it) and ETA for a stage with steps; nothing for one without."""
@@ -65,9 +74,13 @@ class Progress:
                 left = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None and task.completed else ""
                 return rp.Text(done + rate + left)
 
-        self.progress = rp.Progress(
+        self.preview, self.showing = preview, False
+        drawn = preview is not None and preview.protocol is not None
+        self.progress = WithPreview(
             rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(), Counts(), rp.TimeElapsedColumn(),
             console=stderr(), disable=quiet, transient=False, redirect_stdout=False, redirect_stderr=False,
+            # a sixel or iTerm2 picture is sent again at every redraw (text over it erases it): fewer redraws
+            refresh_per_second=4 if drawn and preview.protocol in ("sixel", "iterm") else 10,
         )
         self.total_images = total_images
         self.overall = None
@@ -86,7 +99,16 @@ class Progress:
 
     def __exit__(self, *exc):
         self.progress.remove_task(self.task)  # what stays on screen: the overall bar, if any
+        self.hide_preview()
         return self.progress.__exit__(*exc)
+
+    def hide_preview(self) -> None:
+        """Take the picture off the live display (redrawn without it), then let the preview forget it."""
+        if self.preview is not None:
+            if self.showing:
+                self.showing = False
+                self.progress.refresh()
+            self.preview.clear()
 
     def stage(self, text: str, total=None, completed: int = 0) -> None:
         """Show what happens now; the elapsed time restarts, and a stage with a total counts its steps."""
@@ -97,12 +119,16 @@ class Progress:
 
     def start_image(self, label: str, steps: int):
         self.label, self.steps, self.counted = label, steps, 0
+        self.hide_preview()  # the last image's picture
 
     def event(self, info: dict):
         """The library's callback: a stage event starts a stage; any other dict is one sampler step (the steps of a
         hires pass go on counting after the first pass's)."""
         stage = info.get("stage")
         if stage is None:
+            if self.preview is not None:
+                self.preview.step(info)
+                self.showing = self.preview.current is not None
             self.counted += 1
             self.progress.advance(self.task)
         elif stage in _STEPPED:

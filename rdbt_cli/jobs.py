@@ -70,6 +70,42 @@ def anchor_files(params: GenParams, base: Path) -> GenParams:
     return replace(params, **files)
 
 
+def seeds_from(sources: list) -> list[int]:
+    """The seeds recorded in PNGs, for --seeds-from: each named file must record one; a folder gives the seeds of its
+    PNGs that record one, in name order. A seed met again is left out (it would make the same image again)."""
+    from rdbt_cli.errors import ConfigError, RdbtError
+    from rdbt_cli.metadata import read_png
+
+    seeds: dict[int, None] = {}  # ordered, each once
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+        elif path.is_file():
+            files = [path]
+        else:
+            raise ConfigError(f"--seeds-from {source}: no such file or folder")
+        found = 0
+        for file in files:
+            try:
+                seed = read_png(file)["recipe"].get("seed")
+            except RdbtError as err:
+                if file == path:
+                    raise ConfigError(f"--seeds-from {err}") from None
+                continue
+            seed = settings.BY_NAME["seed"].coerce(seed)
+            if settings.value_problem("seed", seed) is not None:
+                if file == path:
+                    raise ConfigError(f"--seeds-from {file}: records no seed; give PNGs made by rdbt, A1111/Forge "
+                                      "or ComfyUI")
+                continue
+            found += 1
+            seeds[seed] = None
+        if not found:
+            raise ConfigError(f"--seeds-from {source}: no PNG there records a seed")
+    return list(seeds)
+
+
 class Planner:
     """Resolves settings and files for one load; reads each preset, the LoRA stack and each LoRA name once."""
 
@@ -194,7 +230,8 @@ class Planner:
 
 def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = None, *, preset: Optional[str] = None,
          no_stack: bool = False, recipe: Optional[dict] = None, **values) -> tuple[list[Job], LoadParams, ModelPaths]:
-    """What `rdbt gen` makes: `count` jobs with consecutive seeds, and what to load (settings and files).
+    """What `rdbt gen` makes: `count` jobs with consecutive seeds (from each seed of a seed list), and what to load
+    (settings and files).
 
     Settings come as `flags` or as keywords by setting name (`steps=20, loras=["turbo:0.3"]`), checked as flags are.
 
@@ -226,15 +263,15 @@ def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = N
         raise ConfigError("no prompt given: rdbt gen \"your prompt\" (or --from IMAGE)")
     planner.load = replace(load, model=model)
     paths = planner.paths(model)
-    first = gen.seed if gen.seed is not None else random_seed()
+    seed = gen.seed if gen.seed is not None else random_seed()
     # A recorded prompt was drawn from its template when the image was made: --from takes it as it is.
     literal = prompt is None and recipe is not None
     prompts = ([gen.prompt] if literal else planner.wildcards().combinations(gen.prompt) if gen.combinatorial
                else [None])
     template = recipe.get("prompt_template") if literal else None
     extra = {"prompt_template": template} if isinstance(template, str) else {}
-    jobs = [planner.job(gen, first + i, i, paths, preset_obj, model, prompt=p, **extra)
-            for p in prompts for i in range(gen.count or 1)]
+    jobs = [planner.job(gen, settings.seed_at(seed, gen.count, i), i, paths, preset_obj, model, prompt=p, **extra)
+            for p in prompts for i in range(settings.images_of(seed, gen.count))]
     return jobs, planner.load, paths
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect as pyinspect
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from rdbt_cli import completion, settings
+from rdbt_cli import completion, naming, settings
 from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LoadParams
 
 # Choice types for Typer, built from config's lists so the names live in one place.
@@ -56,7 +57,8 @@ _LOAD_OPTIONS = (
 
 # What --help shows as an option's value, instead of Python types.
 _METAVARS = {int: "N", float: "NUMBER", str: "TEXT", Path: "FILE", list: "NAME[:WEIGHT]", bool: ""}
-_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR", "size": "WxH"}
+_LOAD_METAVARS = {"model": "NAME|PATH", "models_dir": "DIR", "size": "WxH", "name": "TEMPLATE",
+                  "seeds_from": "PNG|DIR", "preview_file": "FILE.png"}
 _COMPLETE = {"model": completion.models}
 
 
@@ -69,11 +71,12 @@ def _with_default(s: settings.Setting) -> str:
 
 
 def _setting_param(s: settings.Setting) -> pyinspect.Parameter:
-    kind = list[str] if s.type is list else s.type
+    kind = str if s.parse else list[str] if s.type is list else s.type  # a row with its own syntax takes text
     names = getattr(s.check, "names", None)
     complete = completion.choices(names) if names else completion.loras if s.type is list else None
-    option = typer.Option(*s.flags, help=_with_default(s), rich_help_panel=settings.GEN_PANEL,
-                          metavar="NAME" if names else _METAVARS.get(s.type), autocompletion=complete)
+    metavar = getattr(s.parse, "metavar", None) or ("NAME" if names else _METAVARS.get(s.type))
+    option = typer.Option(*s.flags, help=_with_default(s), rich_help_panel=settings.GEN_PANEL, metavar=metavar,
+                          autocompletion=complete)
     return pyinspect.Parameter(s.name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                annotation=Annotated[Optional[kind], option])
 
@@ -88,16 +91,75 @@ def _option_param(name: str, kind, default, help: str, panel: str) -> pyinspect.
                                annotation=Annotated[kind, option])
 
 
+# Options of a command that declares an `output` parameter (Output): (name, type, default, help, panel).
+_OUTPUT_OPTIONS = (
+    ("seeds_from", Optional[list[str]], None, "Use the seeds recorded in these PNGs (files, or every PNG of a "
+     "folder), each once, as a seed list; repeatable.", settings.GEN_PANEL),
+    ("name", Optional[str], None, 'File name template, e.g. "{seed}-{sampler}-{steps}-{prompt:40}": any setting, and '
+     "index, line, model, preset, size, date, time; {field:N} keeps N characters. A taken name is numbered.", OUT),
+    ("preview_file", Optional[str], None, "Rewrite this PNG with a preview of every step (for an image viewer).", OUT),
+    ("no_preview", bool, False, "No picture of each step on the terminal (also off with --quiet, --json or when "
+     "stderr is no terminal; RDBT_PREVIEW=kitty|iterm|sixel|blocks picks how it is drawn).", OUT),
+)
+
+
+@dataclass
+class Output:
+    """How a command names its images and shows their steps."""
+
+    name: Optional[naming.NameTemplate] = None
+    preview_file: Optional[str] = None
+    no_preview: bool = False
+
+    def preview(self, quiet: bool, as_json: bool):
+        """The step preview for a progress display, or None: drawn on a terminal stderr unless switched off, written
+        to --preview-file whenever one is given."""
+        import os
+        import sys
+
+        from rdbt_cli import preview
+
+        off = self.no_preview or quiet or as_json or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb"
+        protocol = None if off else preview.detect()
+        return preview.Preview(protocol, self.preview_file) if protocol or self.preview_file else None
+
+    def stem(self, job, default: str, *, dit=None, line: Optional[int] = None) -> str:
+        """The file stem of `job` (jobs.Job): from the --name template, else `default`."""
+        if self.name is None:
+            return default
+        return self.name.stem(job.settings, seed=job.seed, index=job.index, line=line, model=job.model or dit,
+                              preset=job.preset)
+
+
+def _output(values: dict, flags) -> Output:
+    """Output from its options' values; --seeds-from becomes the seed list of `flags`. Checked before any loading."""
+    from rdbt_cli import jobs, preview
+
+    if values["seeds_from"]:
+        if flags.seed is not None:
+            from rdbt_cli.errors import ConfigError
+
+            raise ConfigError("give --seed or --seeds-from, not both")
+        flags.seed = jobs.seeds_from(values["seeds_from"])
+    path = values["preview_file"]
+    if path is not None:
+        preview.check_file(path)
+    return Output(naming.parse(values["name"]), path, values["no_preview"])
+
+
 def generating(command):
     """Gives `command` one option per settings row with flags (plus --size) and per LoadParams field; it receives
-    them as `flags` (GenParams, None = not given) and `load` (LoadParams)."""
+    them as `flags` (GenParams, None = not given) and `load` (LoadParams). A command with an `output` parameter also
+    gets the _OUTPUT_OPTIONS, as `output` (Output)."""
     own = list(pyinspect.signature(command, eval_str=True).parameters.values())
     at = [p.name for p in own].index("flags")
     added = [_setting_param(s) for s in settings.SETTINGS if s.flags]
     size_help = f"{settings.SIZE_HELP} [dim]\\[default: {settings.DEFAULTS.width}x{settings.DEFAULTS.height}][/dim]"
     added.append(_option_param("size", Optional[str], None, size_help, settings.GEN_PANEL))
     added += [_option_param(*spec, LOAD) for spec in _LOAD_OPTIONS]
-    rest = [p for p in own[at + 1:] if p.name != "load"]
+    with_output = any(p.name == "output" for p in own)
+    added += [_option_param(*spec) for spec in _OUTPUT_OPTIONS] if with_output else []
+    rest = [p for p in own[at + 1:] if p.name not in ("load", "output")]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
@@ -105,6 +167,8 @@ def generating(command):
         kwargs["flags"] = settings.from_flags(values, kwargs.pop("size"))
         load = {name: kwargs.pop(name) for name, *_ in _LOAD_OPTIONS}
         kwargs["load"] = LoadParams(**{k: v.value if isinstance(v, Enum) else v for k, v in load.items()})
+        if with_output:
+            kwargs["output"] = _output({name: kwargs.pop(name) for name, *_ in _OUTPUT_OPTIONS}, kwargs["flags"])
         return command(**kwargs)
 
     wrapper.__signature__ = pyinspect.Signature([*own[:at], *added, *rest])

@@ -79,9 +79,54 @@ def _whole(low: int, high: int, why: str = "") -> Callable[[str, object], Option
 
 
 def _seed(key, value):
+    if isinstance(value, list) and value:  # a seed list (parse_seeds)
+        bad = next((v for v in value if not is_int(v) or not 0 <= v <= MAX_SEED), None)
+        if bad is None and len(value) <= MAX_SEEDS:
+            return None
+        value = bad if bad is not None else f"a list of {len(value):,} (at most {MAX_SEEDS:,})"
     if not is_int(value) or not 0 <= value <= MAX_SEED:
         return f"seed must be a whole number from 0 to {MAX_SEED} (or -1 for a random one), not {value!r}"
     return None
+
+
+MAX_SEEDS = 100_000  # as many images as --count allows
+
+
+def parse_seeds(text: str):
+    """`--seed` text: one seed (`42`; `-1` random) as an int, or a list of seeds and inclusive ranges (`1,2,5-10`) as a
+    list of ints in the order written. Raises ConfigError naming the part that is wrong."""
+    text = str(text).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    seeds: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ConfigError(f"--seed {text!r}: {part.strip()!r} is not a seed or a range; write seeds like 1,2,5-10")
+        low, high = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if high < low:
+            raise ConfigError(f"--seed {text!r}: the range {part.strip()} runs backwards; write {high}-{low}")
+        if len(seeds) + high - low + 1 > MAX_SEEDS:
+            raise ConfigError(f"--seed {text!r} makes more than {MAX_SEEDS:,} seeds; use a shorter range")
+        seeds.extend(range(low, high + 1))
+    return seeds
+
+
+parse_seeds.metavar = "N|LIST"  # what --help shows
+
+
+def seed_at(seed, count: Optional[int], index: int) -> int:
+    """The seed of image `index` of a setting's images: seed + index for one seed; for a list, `count` consecutive
+    seeds from each listed one in turn (1,5 with --count 2: 1, 2, 5, 6)."""
+    count = count or 1
+    if isinstance(seed, list):
+        return seed[index // count] + index % count
+    return seed + index
+
+
+def images_of(seed, count: Optional[int]) -> int:
+    """How many images a seed (or seed list) and --count make."""
+    return (len(seed) if isinstance(seed, list) else 1) * (count or 1)
 
 
 def _real(low: float, high: float, low_text: str, inclusive: bool = True) -> Callable[[str, object], Optional[str]]:
@@ -204,6 +249,8 @@ class Setting:
     a1111_omit: object = None  # a value the A1111 line leaves out (as Forge leaves out default fields)
     a1111_extension: bool = False  # written after the model fields, as A1111 extensions are
     unset: object = None  # a flag value that means "not given" (--seed -1: random, as in A1111)
+    # A flag whose text has its own syntax (--seed 1,2,5-10): text -> value, raising ConfigError; the option is text.
+    parse: Optional[Callable[[str], object]] = None
     # Whether the setting matters for a recipe (or vars(GenParams)): the A1111 text and `inspect` leave it out
     # otherwise, and of two rows with one A1111 label the one that applies reads it back.
     applies: Optional[Callable[[dict], bool]] = None
@@ -229,6 +276,8 @@ class Setting:
 
     def from_text(self, text: str):
         """A flag's text value (batch lines, sweeps); raises ConfigError naming the flag."""
+        if self.parse is not None:
+            return self.parse(text)
         if self.type is list:
             return [parse_lora_arg(text)]
         if self.type in (int, float):
@@ -360,8 +409,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cfg", float, 4.0, "CFG scale; 1 skips the negative prompt (twice as fast).",
             _real(0.0, 100.0, "0 or more (1 turns guidance off)"), ("--cfg",), preset="cfg", recipe="cfg",
             a1111="CFG scale"),
-    Setting("seed", int, None, "Seed; -1 or none: random (a fixed one per batch line); always recorded.", _seed,
-            ("--seed",), recipe="seed", a1111="Seed", unset=RANDOM_SEED),
+    Setting("seed", int, None, "Seed, or a list of seeds and ranges (1,2,5-10: one image each, times --count); -1 "
+            "or none: random (a fixed one per batch line); each image records its own.", _seed, ("--seed",),
+            recipe="seed", a1111="Seed", unset=RANDOM_SEED, parse=parse_seeds),
     Setting("width", int, 1024, "Width (multiple of 16).", _side, ("--width",), preset="width", recipe="width"),
     Setting("height", int, 1024, "Height (multiple of 16).", _side, ("--height",), preset="height",
             recipe="height"),
@@ -481,6 +531,7 @@ def advice(params) -> list[str]:
 
 def from_flags(values: dict, size: Optional[str] = None):
     """GenParams from option values by setting name (None = not given), each checked as its flag."""
+    values = {k: BY_NAME[k].parse(v) if isinstance(v, str) and BY_NAME[k].parse else v for k, v in values.items()}
     given = {k: v for k, v in values.items() if v is not None and not BY_NAME[k].means_unset(v)}
     if "loras" in given:
         given["loras"] = [parse_lora_arg(t) if isinstance(t, str) else t for t in given["loras"]]

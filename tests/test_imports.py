@@ -20,7 +20,7 @@ ALLOWED = {
     "text": {"config", "errors"},
     "settings": {"config", "errors"},
     "console": set(),
-    "options": {"completion", "config", "settings"},
+    "options": {"completion", "config", "settings", "naming", "jobs", "preview", "errors"},
     "presets": {"config", "errors", "settings"},
     "metadata": {"config", "errors", "settings"},
     "engine": {"config", "discovery", "errors"},
@@ -36,10 +36,13 @@ ALLOWED = {
     "batch": {"config", "errors", "settings", "jobs", "metadata", "runner"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
     "completion": {"errors", "discovery", "presets"},
+    "naming": {"errors", "settings"},
+    "preview": {"errors"},
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
     "cli", "images", "completion", "options", "wildcards", "grid", "grid_cmd",
+    "naming", "preview",
 ]
 
 
