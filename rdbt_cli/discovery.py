@@ -501,7 +501,7 @@ def _gguf_details(p: Path) -> dict:
             def string():
                 n = take("<Q")
                 if n > 1 << 20:
-                    raise ValueError("implausible string length")
+                    raise ValueError("a string longer than 1 MB")
                 return f.read(n).decode("utf-8", "replace")
 
             def value(t):
@@ -510,7 +510,7 @@ def _gguf_details(p: Path) -> dict:
                 if t == 9:
                     et, n = take("<I"), take("<Q")
                     if n > size:
-                        raise ValueError("implausible array length")
+                        raise ValueError("an array longer than the file")
                     if et == 8:
                         for _ in range(n):
                             string()
@@ -520,11 +520,11 @@ def _gguf_details(p: Path) -> dict:
                 return take(_GGUF_SCALARS[t])
 
             if f.read(4) != b"GGUF":
-                raise ValueError("bad magic")
+                raise ValueError("it does not start with GGUF's magic bytes")
             d["version"] = take("<I")
             n_tensors, n_kv = take("<Q"), take("<Q")
             if n_tensors > size or n_kv > size:
-                raise ValueError("implausible counts")
+                raise ValueError("more tensors or keys than the file has bytes")
             for _ in range(n_kv):
                 key = string()
                 v = value(take("<I"))
@@ -539,7 +539,7 @@ def _gguf_details(p: Path) -> dict:
                 name = string()
                 n_dims = take("<I")
                 if n_dims > 8:
-                    raise ValueError("implausible dimensions")
+                    raise ValueError("a tensor with more than 8 dimensions")
                 dims = [take("<Q") for _ in range(n_dims)]
                 type_id, offset = take("<I"), take("<Q")
                 kind = _GGML_TYPES.get(type_id, "?")
@@ -548,11 +548,16 @@ def _gguf_details(p: Path) -> dict:
                 block, nbytes = sizes.get(type_id, (1, 0))
                 end = max(end, offset + _numel(dims) // block * nbytes)
             data_start = -(-f.tell() // alignment) * alignment
-    except (OSError, EOFError, ValueError, KeyError, struct.error):
-        return {**d, "error": f"{p}: damaged or truncated GGUF header; download the file again"}
+    except (EOFError, struct.error):
+        return {**d, "error": f"{p}: truncated GGUF header; download the file again"}
+    except (ValueError, KeyError) as err:  # KeyError: a value type GGUF does not have
+        why = str(err) if isinstance(err, ValueError) else f"unknown value type {err}"
+        return {**d, "error": f"{p}: damaged GGUF header ({why}); download the file again"}
+    except OSError as err:
+        return {**d, "error": f"{p}: cannot read ({err.strerror}); check its permissions"}
     if end and data_start + end > size:
-        return {**d, "error": f"{p}: truncated GGUF file ({size:,} bytes, its tensors need {data_start + end:,}); "
-                              "download it again"}
+        return {**d, "error": f"{p}: its tensors need {data_start + end:,} bytes but the file has {size:,}: a "
+                              "truncated or damaged GGUF file; download it again"}
     d["types"] = "+".join(sorted(by_type, key=lambda k: -by_type[k]))
     # The file's own name for its quantisation, else its most common tensor type (Q4_K for most of a Q4_K_M file).
     d["quant"] = d.pop("file_type", None) or next(iter(sorted(by_type, key=lambda k: -by_type[k])), "?")

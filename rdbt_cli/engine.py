@@ -26,6 +26,7 @@ from rdbt_cli.discovery import (
     TE_FILE,
     VAE_FILE,
     FileFormat,
+    check_model_file,
     is_gguf,
     is_ignored_key,
     read_safetensors_header,
@@ -143,6 +144,7 @@ def read_gguf(path: str | os.PathLike, cast: torch.dtype | None = None) -> dict[
     import gguf
 
     path = Path(path)
+    check_model_file(path)  # the header's own checks name what is wrong (truncated, a text encoder, ...)
     try:
         reader = gguf.GGUFReader(path)
         tensors = list(reader.tensors)
