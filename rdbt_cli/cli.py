@@ -42,6 +42,7 @@ _state = {"debug": False}
 _INTERRUPTED = {
     "gen": "interrupted; the images already written are kept",
     "batch": "interrupted; finished images are kept (run the same command again to resume where it stopped)",
+    "grid": "interrupted; the cells already written are kept (a sheet is drawn once all cells of its Z value are made)",
 }
 
 
