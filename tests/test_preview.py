@@ -156,7 +156,7 @@ def test_budget_skips_steps_that_come_faster_than_the_preview_may_cost(monkeypat
     assert shown.shown_steps == 2
 
 
-TINY = ["--model", "tiny", "--size", "64x64", "--steps", "3", "--seed", "2"]
+TINY = ["--model", "tiny", "--size", "32x32", "--steps", "2", "--seed", "2"]
 
 
 def test_gen_writes_the_preview_file_and_refuses_a_bad_one(tmp_path):
@@ -164,7 +164,7 @@ def test_gen_writes_the_preview_file_and_refuses_a_bad_one(tmp_path):
     r = CliRunner().invoke(app, ["gen", "a cat", "--preview-file", str(target), "--out", str(tmp_path / "o"),
                                  "--json", *TINY])
     assert r.exit_code == 0, r.output
-    assert Image.open(target).size == (8, 8)  # the latent's size: 1/8 of the image
+    assert Image.open(target).size == (4, 4)  # the latent's size: 1/8 of the image
     assert "▀" not in r.output  # --json (and stderr not a terminal): nothing drawn
     for bad, needle in ((tmp_path / "x.jpg", "ending in .png"), (tmp_path / "nope" / "p.png", "does not exist"),
                         (next((tmp_path / "o").glob("*.png")), "image with a recipe")):

@@ -11,7 +11,7 @@ from rdbt_cli import naming, settings
 from rdbt_cli.cli import app
 from rdbt_cli.errors import ConfigError
 
-TINY = ["--model", "tiny", "--size", "64x64", "--steps", "2", "--quiet"]
+TINY = ["--model", "tiny", "--size", "32x32", "--steps", "1", "--quiet"]
 
 
 def run(*args, input=None):
@@ -57,27 +57,41 @@ def test_seed_list_positions_repeat_each_seed_count_times():
     assert settings.value_problem("seed", [1, 2**64]) is not None  # each listed seed obeys the seed rule
 
 
-def test_gen_seed_list_makes_one_image_per_seed_times_count_each_recording_its_own(tmp_path):
-    r = run("gen", "a cat", "--seed", "3,10-11", "--count", 2, "--out", tmp_path, *TINY)
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """--seed 3,4 --count 2: seeds 3, 4, then 4, 5; one run for the tests below."""
+    out = tmp_path_factory.mktemp("made")
+    r = run("gen", "a cat", "--seed", "3,4", "--count", 2, "--out", out, *TINY)
     assert r.exit_code == 0, r.output
-    paths = [Path(p) for p in r.output.split()]
-    assert [recorded_seed(p) for p in paths] == [3, 4, 10, 11, 11, 12]
-    assert len(set(paths)) == 6  # seed 11 twice: the second is numbered, not overwritten
+    return out, [Path(p) for p in r.output.split()]
 
 
-def test_seeds_from_a_folder_and_a_file_reuses_each_seed_once(tmp_path):
-    made = tmp_path / "made"
-    assert run("gen", "a cat", "--seed", "21,5", "--out", made, *TINY).exit_code == 0
-    (made / "notes.txt").write_text("not an image")
-    Image.new("RGB", (8, 8)).save(made / "plain.png")  # a PNG without a recipe is skipped in a folder
-    again = tmp_path / "again"
-    r = run("gen", "a dog", "--seeds-from", made, "--seeds-from", made / "rdbt-5.png", "--out", again, *TINY)
+def test_gen_seed_list_makes_one_image_per_seed_times_count_each_recording_its_own(made):
+    folder, paths = made
+    assert [recorded_seed(p) for p in paths] == [3, 4, 4, 5]
+    assert len(set(paths)) == 4  # seed 4 twice: the second is numbered, not overwritten
+
+
+def test_seeds_from_a_folder_and_a_file_reuses_each_seed_once(made, tmp_path):
+    from rdbt_cli.jobs import seeds_from
+
+    folder, paths = made
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")  # a PNG without a recipe is skipped in a folder
+    (tmp_path / "b.png").write_bytes(paths[3].read_bytes())
+    assert seeds_from([folder]) == [3, 4, 5]  # in name order, seed 4 once
+    assert seeds_from([tmp_path, paths[0]]) == [5, 3]
+
+    r = run("gen", "a dog", "--seeds-from", tmp_path / "b.png", "--out", tmp_path / "again", *TINY)
     assert r.exit_code == 0, r.output
-    assert sorted(recorded_seed(Path(p)) for p in r.output.split()) == [5, 21]
+    assert [recorded_seed(Path(p)) for p in r.output.split()] == [5]
 
-    one_line_error(run("gen", "a", "--seeds-from", made / "plain.png", *TINY), "plain.png", "no generation metadata")
+    one_line_error(run("gen", "a", "--seeds-from", tmp_path / "plain.png", *TINY), "plain.png",
+                   "no generation metadata")
     one_line_error(run("gen", "a", "--seeds-from", tmp_path / "nope", *TINY), "no such file or folder")
-    one_line_error(run("gen", "a", "--seeds-from", made, "--seed", 3, *TINY), "--seed or --seeds-from")
+    one_line_error(run("gen", "a", "--seeds-from", folder, "--seed", 3, *TINY), "--seed or --seeds-from")
+    (tmp_path / "b.png").unlink()
+    one_line_error(run("gen", "a", "--seeds-from", tmp_path, *TINY), "no PNG there records a seed")
 
 
 def test_bad_seed_flag_is_one_line_before_loading(tmp_path):
@@ -145,11 +159,11 @@ def test_gen_and_batch_name_files_by_template_and_never_overwrite(tmp_path):
     for _ in range(2):
         r = run("gen", "a red/blue cat", "--seed", 4, "--name", "{prompt:10}-{seed}-{steps}", "--out", out, *TINY)
         assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["a red_blue-4-2-0001.png", "a red_blue-4-2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a red_blue-4-1-0001.png", "a red_blue-4-1.png"]
 
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat --seed 9 --count 2\n", encoding="utf-8")
-    r = run("batch", prompts, "--name", "L{line}-{index}-{seed}-{sampler}", "--out", tmp_path / "b", *TINY)
+    prompts.write_text("# a comment\na cat --seed 9 --cfg 1\n", encoding="utf-8")
+    r = run("batch", prompts, "--name", "L{line}-{index}-{seed}-{sampler}-{cfg}", "--out", tmp_path / "b", *TINY)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "b").glob("*.png")) == ["L1-0-9-er_sde.png", "L1-1-10-er_sde.png"]
+    assert [p.name for p in (tmp_path / "b").glob("*.png")] == ["L2-0-9-er_sde-1.png"]
     one_line_error(run("gen", "a", "--name", "{seed}", "--out", tmp_path / "x.png", *TINY), "is a file")
