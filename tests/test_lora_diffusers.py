@@ -79,3 +79,43 @@ def test_merged_adapter_equals_peft(saved):
     assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items() if not k.startswith("llm_adapter."))
     patch.undo()
     assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())
+
+
+@pytest.mark.parametrize("config,scale", [
+    ({"transformer.r": 4, "transformer.lora_alpha": 8}, 2.0),
+    ({"transformer.lora_alpha": 8, "transformer.use_rslora": True}, 4.0),  # alpha / sqrt(r)
+    ({"lora_alpha": 2, "alpha_pattern": {"attn1.to_q": 12}}, 3.0),  # save_lora_adapter's unprefixed config
+    ({"transformer.lora_alpha": 4, "transformer.alpha_pattern": {"blocks.1.attn1.to_q": 1}}, 1.0),
+])
+def test_transformer_lora_alpha_from_metadata(tmp_path, config, scale):
+    from safetensors.torch import save_file
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    prefix = "transformer." if any(k.startswith("transformer.") for k in config) else ""
+    path = tmp_path / "t.safetensors"
+    save_file({f"{prefix}transformer_blocks.0.attn1.to_q.lora_A.weight": a,
+               f"{prefix}transformer_blocks.0.attn1.to_q.lora_B.weight": b},
+              str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+    dit = nn.Module()
+    dit.blocks = nn.ModuleList([nn.Module()])
+    dit.blocks[0].self_attn = nn.Module()
+    dit.blocks[0].self_attn.q_proj = nn.Linear(8, 8, bias=False).requires_grad_(False)
+    w = dit.blocks[0].self_attn.q_proj.weight.clone()
+    apply_loras({"dit": dit}, [(parse_lora_file(path), 1.0)])
+    assert torch.allclose(dit.blocks[0].self_attn.q_proj.weight, w + scale * (b @ a), atol=1e-5)
+
+
+@pytest.mark.parametrize("raw,needle", [("{not json", "not a JSON object"), ('{"lora_alpha": "8"}', "not a number")])
+def test_damaged_adapter_metadata_is_one_clear_error(tmp_path, raw, needle):
+    from safetensors.torch import save_file
+
+    from rdbt_cli.errors import LoraError
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8),
+               "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(8, 2)},
+              str(path), metadata={"lora_adapter_metadata": raw})
+    with pytest.raises(LoraError, match=f"bad.safetensors: .*{needle}"):
+        parse_lora_file(path)
