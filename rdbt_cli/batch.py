@@ -26,7 +26,7 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -369,6 +369,7 @@ class BatchPlan:
     failures: dict[int, str]  # line number -> one-line reason
     planner: object  # the jobs.Planner that resolved the lines, reused for their files
     manifest: str = NEW_MANIFEST  # the manifests' name: NEW_MANIFEST, or an earlier version's batch id
+    prompts: dict[int, list[str]] = field(default_factory=dict)  # --combinatorial: every prompt of each line
 
 
 def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_stack: bool = False,
@@ -390,17 +391,16 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
     repeats: dict[str, int] = {}
     failures = {line.lineno: line.error for line in lines if line.error}
     planner = Planner(load, no_stack=no_stack)
-    resolved = {}
+    resolved, combos = {}, {}
     for line in lines:
         if line.error:
             continue
         try:
             overrides = anchor_files(line.overrides, Path(base_dir) if base_dir is not None else Path.cwd())
             g, p, m = planner.settings(layer(flags, overrides), line.preset or preset, model_flag=load.model)
-            if g.combinatorial:
-                raise ConfigError("--combinatorial is for rdbt gen; a batch draws each image's variants from its seed "
-                                  "(or write the prompts out, one per line)")
             planner.wildcards().check(g.prompt)  # a missing wildcard file fails its line before anything loads
+            if g.combinatorial:
+                combos[line.lineno] = planner.wildcards().combinations(g.prompt)
         except RdbtError as err:
             failures[line.lineno] = f"line {line.lineno}: {err}"
             continue
@@ -412,10 +412,10 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
     manifest = bid if legacy else NEW_MANIFEST
     done = load_done(out_dir, manifest)
     identities = None if legacy else {ln: job_identity(g, m, load) for ln, (g, p, m) in resolved.items()}
-    counts = {ln: images_of(r[0].seed, r[0].count) for ln, r in resolved.items()}
+    counts = {ln: images_of(r[0].seed, r[0].count) * len(combos.get(ln, [None])) for ln, r in resolved.items()}
     every = {job.key for job in plan_jobs(good, counts, identities=identities)}  # all ranks' jobs
     jobs = plan_jobs(good, counts, rank, world, done, identities)
-    return BatchPlan(bid, resolved, jobs, len(every & done.keys()), failures, planner, manifest)
+    return BatchPlan(bid, resolved, jobs, len(every & done.keys()), failures, planner, manifest, combos)
 
 
 def _already_saved(path: Path, job_key: str) -> bool:
@@ -458,13 +458,16 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
             if ln in bp.failures:
                 continue
             g, p, wanted = bp.lines[ln]
-            seed = seed_at(g.seed, g.count, current.index) % 2**64
+            # With --combinatorial a line's images are its seeds' images for each prompt in turn.
+            k, i = divmod(current.index, images_of(g.seed, g.count))
+            seed = seed_at(g.seed, g.count, i) % 2**64
+            prompt = bp.prompts[ln][k] if ln in bp.prompts else None
             stem = f"L{ln:04d}-{current.index:03d}-{seed}"
             try:
                 if planner.identity(wanted) != loaded:
                     raise ConfigError(f"it asks for model {wanted or 'the default model'!r} but this batch runs "
                                       f"{Path(paths.dit).name!r}; put those lines in their own batch")
-                job = planner.job(g, seed, current.index, paths, p, wanted,
+                job = planner.job(g, seed, current.index, paths, p, wanted, prompt=prompt,
                                   batch={"id": bp.id, "line": ln, "job": current.key})
                 if name is not None:
                     stem = name(job, stem, dit=paths.dit, line=ln)

@@ -388,7 +388,7 @@ class LoraModule:
         'lycoris lokr', 'diffusers peft lora dora'."""
         kind = self.kind.name
         if self.peft_style:
-            kind = "peft lora" + ("+alpha" if "alpha" in self.tensors else "")
+            kind = "peft lora" + ("+alpha" if "alpha" in self.keys else "")  # a tensor; not diffusers' metadata
         return f"{self.naming} {kind}" + (" dora" if self.dora else "")
 
 

@@ -45,7 +45,7 @@ def test_axes_are_read_by_each_settings_rule():
             grid.parse_axis(text)
 
 
-def test_bad_grids_are_one_line_before_anything_loads_and_write_nothing(tmp_path, monkeypatch):
+def test_bad_grids_are_one_line_before_anything_loads_and_write_nothing(tmp_path, monkeypatch, shared_tiny):
     import rdbt_cli.runner
 
     def no_loading(*a, **k):
@@ -68,7 +68,7 @@ def test_bad_grids_are_one_line_before_anything_loads_and_write_nothing(tmp_path
     assert len(big.cells) == 110 and big.shape == (11, 10, 1)
 
 
-def test_prompt_search_and_replace_keeps_the_template_and_each_cell_draws_its_own_variants(tmp_path):
+def test_prompt_search_and_replace_keeps_the_template_and_each_cell_draws_its_own_variants(tmp_path, shared_tiny):
     gp = grid.plan("red hair, {smile|frown}", LoadParams(model="tiny"), GenParams(seed=3, negative="red eyes"),
                    x="prompt=red,blue,green", y="seed=3,4")
     prompts = [c.job.extra["prompt_template"] for c in gp.cells]

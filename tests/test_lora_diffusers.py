@@ -53,6 +53,7 @@ def test_file_has_diffusers_text_conditioner_names(saved):
     _, _, path = saved
     lf = parse_lora_file(path)
     assert all(b.startswith("text_conditioner.blocks.") for b in lf.modules)
+    assert lf.formats == {"diffusers peft lora": 18}  # the alpha comes from the metadata, not from tensors
     assert "text_conditioner.blocks.1.cross_attn.o_proj" in lf.modules
     meta = json.loads(lf.metadata["lora_adapter_metadata"])
     assert meta["text_conditioner.lora_alpha"] == 8 and meta["text_conditioner.r"] == 4
