@@ -532,7 +532,7 @@ def parse_lora_file(path: str | os.PathLike) -> LoraFile:
 def _pattern_value(patterns, name: str, default):
     """PEFT's per-module override (`alpha_pattern`): the first key that matches the end of the module's name
     (peft.utils.other.get_pattern_key)."""
-    for key, value in (patterns or {}).items():
+    for key, value in (patterns.items() if isinstance(patterns, dict) else ()):
         try:
             if re.match(rf"(.*\.)?({key})$", name):
                 return value
