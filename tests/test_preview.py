@@ -170,3 +170,22 @@ def test_gen_writes_the_preview_file_and_refuses_a_bad_one(tmp_path):
                         (next((tmp_path / "o").glob("*.png")), "image with a recipe")):
         r = CliRunner().invoke(app, ["gen", "a", "--preview-file", str(bad), *TINY])
         assert r.exit_code != 0 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_the_terminal_preview_is_off_unless_stderr_is_a_terminal_and_nothing_asks_quiet(monkeypatch, tmp_path):
+    from rdbt_cli.options import Output
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("RDBT_PREVIEW", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert Output().preview(quiet=False, as_json=False).protocol == "blocks"
+    assert Output(no_preview=True).preview(quiet=False, as_json=False) is None
+    assert Output().preview(quiet=True, as_json=False) is None
+    assert Output().preview(quiet=False, as_json=True) is None
+    kept = Output(no_preview=True, preview_file=str(tmp_path / "p.png")).preview(quiet=True, as_json=False)
+    assert kept.protocol is None and kept.file == tmp_path / "p.png"  # the file is written all the same
+    monkeypatch.setenv("TERM", "dumb")
+    assert Output().preview(quiet=False, as_json=False) is None
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert Output().preview(quiet=False, as_json=False) is None
