@@ -155,9 +155,15 @@ def _png(rgb, compress_level: int = 1) -> bytes:
     return out.getvalue()
 
 
+MAX_COLUMNS = 60  # a wide picture (a 4:1 banner) gets fewer rows instead of running past an 80-column terminal
+
+
 def cells(height: int, width: int, rows: int = ROWS) -> tuple[int, int]:
     """(columns, rows) for a picture of height x width pixels at `rows` rows (a cell is about twice as tall as wide)."""
-    return max(1, round(rows * 2 * width / height)), rows
+    columns = max(1, round(rows * 2 * width / height))
+    if columns > MAX_COLUMNS:
+        return MAX_COLUMNS, max(1, round(MAX_COLUMNS * height / (2 * width)))
+    return columns, rows
 
 
 def renderable(rgb, protocol: str, rows: int = ROWS, on_cost=None):

@@ -51,6 +51,12 @@ def test_detect_reads_only_the_environment(env, stdout_tty, expected):
     assert preview.detect(env, stdout_tty=stdout_tty) == expected
 
 
+def test_cells_keep_the_aspect_and_fit_a_narrow_terminal():
+    assert preview.cells(128, 128) == (24, 12)  # cells are about twice as tall as wide
+    assert preview.cells(152, 104) == (16, 12)  # 832x1216 portrait
+    assert preview.cells(32, 128) == (60, 8)  # a 4:1 banner: capped at 60 columns, fewer rows
+
+
 def picture():
     rgb = np.zeros((4, 4, 3), dtype=np.uint8)  # 2 rows of 4 cells as half blocks: no resampling
     rgb[:2] = (255, 0, 0)  # red over blue
