@@ -80,10 +80,12 @@ def _whole(low: int, high: int, why: str = "") -> Callable[[str, object], Option
 
 def _seed(key, value):
     if isinstance(value, list) and value:  # a seed list (parse_seeds)
+        if len(value) > MAX_SEEDS:
+            return f"a seed list holds at most {MAX_SEEDS:,} seeds, not {len(value):,}"
         bad = next((v for v in value if not is_int(v) or not 0 <= v <= MAX_SEED), None)
-        if bad is None and len(value) <= MAX_SEEDS:
+        if bad is None:
             return None
-        value = bad if bad is not None else f"a list of {len(value):,} (at most {MAX_SEEDS:,})"
+        value = bad
     if not is_int(value) or not 0 <= value <= MAX_SEED:
         return f"seed must be a whole number from 0 to {MAX_SEED} (or -1 for a random one), not {value!r}"
     return None

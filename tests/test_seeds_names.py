@@ -54,7 +54,8 @@ def test_bad_seed_lists_name_the_part(text, needle):
 def test_seed_list_positions_repeat_each_seed_count_times():
     assert [settings.seed_at([1, 5], 2, i) for i in range(settings.images_of([1, 5], 2))] == [1, 2, 5, 6]
     assert [settings.seed_at(7, 3, i) for i in range(settings.images_of(7, 3))] == [7, 8, 9]
-    assert settings.value_problem("seed", [1, 2**64]) is not None  # each listed seed obeys the seed rule
+    assert "not 18446744073709551616" in settings.value_problem("seed", [1, 2**64])  # each obeys the seed rule
+    assert "at most 100,000 seeds, not 100,001" in settings.value_problem("seed", list(range(100_001)))
 
 
 @pytest.fixture(scope="module")
