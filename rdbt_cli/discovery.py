@@ -866,6 +866,20 @@ def kind_files(kind: str, dirs: Sequence[str | os.PathLike]) -> list[tuple[Path,
     return _named(*_candidates(kind, [Path(d) for d in dirs]))
 
 
+def comfy_name(path: str | os.PathLike, kind: str, dirs: Sequence[str | os.PathLike] = ()) -> str:
+    """The name ComfyUI's loaders list a file of `kind` under: its path inside the kind's folder, '/'-separated
+    (`style/x.safetensors` for loras/style/x.safetensors). The folder is found among the models folders `dirs` (as
+    discovery searches them), else as the nearest folder above the file named like a kind folder (loras/,
+    diffusion_models/, ...); else the name is the file name."""
+    p = Path(os.path.abspath(path))
+    roots = [Path(os.path.abspath(f)) for d in map(Path, dirs) for f in _kind_folders(kind, d)]
+    roots += [parent for parent in p.parents if parent.name in KIND_FOLDERS[kind]]
+    for root in roots:
+        if p.is_relative_to(root):
+            return p.relative_to(root).as_posix()
+    return p.name
+
+
 def _resolve_name(kind: str, name: str, dirs: Sequence[Path]) -> Path:
     label = KIND_LABELS[kind]
     want = name.lower().replace("\\", "/")

@@ -51,7 +51,9 @@ class Job:
 
 
 def random_seed() -> int:
-    return random.getrandbits(63)
+    # Below 2^53: ComfyUI's page holds the workflow's seed as a JavaScript number, which rounds larger ones, so a
+    # larger seed would make another image there. A seed the user gives may be any 64-bit value (inspect says so).
+    return random.getrandbits(53)
 
 
 def unused_negative(gen: GenParams) -> Optional[str]:

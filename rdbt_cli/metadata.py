@@ -12,7 +12,9 @@ The recipe is a plain dict, the single record of how an image was made (schema "
     cfg, shift    float
     sampler, scheduler                     ComfyUI names (er_sde, simple, ...)
     width, height int
-    model         {"name": file stem, "file": file name, "hash": AutoV2 (sha256 of the file, first 10 hex) | None}
+    model         {"name": file stem, "file": file name, "hash": AutoV2 (sha256 of the file, first 10 hex) | None,
+                   "relative": its path inside its models-type folder, "/"-separated ("anima/x.safetensors"),
+                   which is ComfyUI's name for it (absent in older recipes and in other tools')}
     text_encoder, vae                      same shape as model, or None when built in / not separate
     loras         [{"name", "file", "weight": float, "hash": AutoV2 | None, "a1111_hash": AutoV3 (12 hex) | None}]
     preset        str | None
@@ -74,14 +76,17 @@ _MAX_TEXT = 64 << 20  # inflated zTXt/iTXt limit: a decompression bomb is a corr
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def component_record(path, hashes: dict) -> dict:
-    """A model file as the recipe records it; `hashes` is discovery.file_hashes' result ({} while unknown)."""
+def component_record(path, hashes: dict, relative: str | None = None) -> dict:
+    """A model file as the recipe records it; `hashes` is discovery.file_hashes' result ({} while unknown) and
+    `relative` discovery.comfy_name's (ComfyUI names a file in a sub-folder by its path inside the models-type
+    folder)."""
     path = Path(path)
-    return {"name": path.stem, "file": path.name, "path": str(path.resolve()), "hash": hashes.get("autov2")}
+    record = {"name": path.stem, "file": path.name, "path": str(path.resolve()), "hash": hashes.get("autov2")}
+    return {**record, "relative": relative} if relative else record
 
 
-def lora_record(path, weight: float, hashes: dict) -> dict:
-    return {**component_record(path, hashes), "weight": weight, "a1111_hash": hashes.get("a1111_lora")}
+def lora_record(path, weight: float, hashes: dict, relative: str | None = None) -> dict:
+    return {**component_record(path, hashes, relative), "weight": weight, "a1111_hash": hashes.get("a1111_lora")}
 
 
 TINY_COMPONENT = {"name": "tiny", "file": "tiny", "hash": None}
@@ -494,15 +499,58 @@ _COMFY_NODES = {
     "BasicScheduler": ("BasicScheduler", [("SIGMAS", "SIGMAS")]),
     "SamplerCustomAdvanced": ("SamplerCustomAdvanced", [("output", "LATENT"), ("denoised_output", "LATENT")]),
     "VAEDecode": ("VAE Decode", [("IMAGE", "IMAGE")]),
-    "SaveImage": ("Save Image", []),
+    # The reference ComfyUI's SaveImage passes its images on (RETURN_TYPES ("IMAGE",), RETURN_NAMES ("images",)).
+    "SaveImage": ("Save Image", [("images", "IMAGE")]),
 }
+_STRING_WIDGETS = {"text", "filename_prefix"}  # the text widgets; every other text value is a list choice (COMBO)
+_OPTIONAL_WIDGETS = {("CLIPLoader", "device")}  # drawn by the page as optional sockets (shape 7)
+# ComfyUI separates a file's sub-folders with the separator of the machine it runs on (os.path.relpath), and a
+# ComfyUI opening rdbt's graphs most likely runs where rdbt ran.
+_COMFY_SEP = os.sep
+# Number.MAX_SAFE_INTEGER + 1: ComfyUI's page holds widget values as JavaScript numbers, exact only below this.
+PAGE_SEED_LIMIT = 2**53
 
 
 def _file_name(component, default: str) -> str:
-    # ComfyUI names files relative to its model folder; the base name is the best guess for a user's layout.
+    """The name ComfyUI's loaders list a file under: the recorded path inside its models-type folder
+    (`style/x.safetensors`), else the bare file name, the best guess for a recipe made before rdbt recorded it."""
+    if isinstance(component, dict) and isinstance(component.get("relative"), str) and component["relative"]:
+        return component["relative"].replace("/", _COMFY_SEP)
     if isinstance(component, dict) and component.get("file"):
         return Path(str(component["file"]).replace("\\", "/")).name
     return default
+
+
+def page_text(text: str) -> str:
+    """Widget text that ComfyUI's page turns back into `text` when it queues the workflow.
+
+    The page rewrites every text widget marked dynamicPrompts (CLIPTextEncode's) with processDynamicPrompt
+    (ComfyUI_frontend, packages/shared-frontend-utils/src/formatUtil.ts): it first deletes `//...` and `/*...*/`
+    comments, then reads `\\c` as an escape kept as the two characters, `{a|b}` as a random choice (processed
+    again), and at the end drops the backslash of every `\\{`, `\\}` and `\\|`. So: an empty choice `{}` is put
+    between a `/` and a following `/` or `*` (no comment can start, and `{}` gives nothing); a run of backslashes
+    before an ordinary character is written as escape pairs that keep it; before `{`, `}` or `|`, one backslash more,
+    which the page drops, with the brace or bar itself escaped or given by a one-option choice `{\\{}`. A prompt
+    that ends in an odd number of backslashes cannot be written (the page keeps backslashes in pairs); it keeps
+    its last one doubled.
+    """
+    out, i, n = [], 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] == "\\":
+            j += 1
+        k, c = j - i, text[j] if j < n else ""
+        if c in ("{", "}", "|"):
+            m = k + 1  # backslashes before the character in the page's intermediate text; it drops the last one
+            out.append("\\\\" * (m // 2) + ("\\" + c if m % 2 else "{\\" + c + "}"))
+        elif c:
+            out.append("\\\\" * (k // 2) + ("\\" if k % 2 else "") + c)
+            if c == "/" and j + 1 < n and text[j + 1] in "/*":
+                out.append("{}")
+        else:
+            out.append("\\\\" * ((k + 1) // 2))
+        i = j + 1
+    return "".join(out)
 
 
 def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
@@ -632,16 +680,15 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
     link_ids = iter(range(1, len(links) + 1))
     for order, n in enumerate(nodes):
         row = rows[n["col"]] = rows.get(n["col"], -1) + 1
-        widgets = [v for _, v in n["widgets"]]
+        widgets = [page_text(v) if n["class"] == "CLIPTextEncode" and k == "text" else v for k, v in n["widgets"]]
         if n["class"] in ("KSampler", "KSamplerWithNAG", "RandomNoise"):
             widgets.insert(1, "fixed")  # the UI's control_after_generate widget sits right after the seed
         elif n["class"] in ("LoadImage", "LoadImageMask"):
             widgets.append("image")  # the UI's upload button is a widget too
         ui_nodes.append({
             "id": n["id"], "type": n["class"], "pos": [50 + 420 * n["col"], 50 + 260 * row], "size": [380, 200],
-            "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": name, "type": typ, "link": next(link_ids)} for name, _, _, typ in n["links"]],
-            "outputs": [{"name": name, "type": typ, "links": outputs_links.get((n["id"], slot), []), "slot_index": slot}
+            "flags": {}, "order": order, "mode": 0, "inputs": _page_inputs(n, link_ids),
+            "outputs": [_page_output(name, typ, slot, outputs_links.get((n["id"], slot)))
                         for slot, (name, typ) in enumerate(_COMFY_NODES[n["class"]][1])],
             "title": n["title"], "properties": {"Node name for S&R": n["class"]}, "widgets_values": widgets,
         })
@@ -649,6 +696,28 @@ def comfy_graphs(recipe: dict) -> tuple[dict, dict]:
                 "groups": [], "config": {}, "extra": {"rdbt": {"schema": recipe.get("schema", SCHEMA)}},
                 "version": 0.4}
     return api, workflow
+
+
+def _page_inputs(node: dict, link_ids) -> list[dict]:
+    """A node's input slots as ComfyUI's page saves them: its sockets in order, then one slot per widget (the page
+    lets any widget take a link; unlinked, `link` is null)."""
+    slots = [{"localized_name": name, "name": name, "type": typ, "link": next(link_ids)}
+             for name, _, _, typ in node["links"]]
+    for name, value in node["widgets"]:
+        typ = ("BOOLEAN" if isinstance(value, bool) else "INT" if isinstance(value, int) else
+               "FLOAT" if isinstance(value, float) else "STRING" if name in _STRING_WIDGETS else "COMBO")
+        shape = {"shape": 7} if (node["class"], name) in _OPTIONAL_WIDGETS else {}
+        slots.append({"localized_name": name, "name": name, **shape, "type": typ, "widget": {"name": name},
+                      "link": None})
+    return slots
+
+
+def _page_output(name: str, typ: str, slot: int, links: list | None) -> dict:
+    # The page saves an output that was never linked with links null and no slot_index (ComfyUI_frontend,
+    # src/lib/litegraph/src/node/slotUtils.ts outputAsSerialisable: `links: ids.length ? ids : null`).
+    if not links:
+        return {"localized_name": name, "name": name, "type": typ, "links": None}
+    return {"localized_name": name, "name": name, "type": typ, "slot_index": slot, "links": links}
 
 
 def _comfy_recipe(graph: dict) -> dict:
@@ -1101,6 +1170,14 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _page_number(n: int) -> int:
+    """The integer a JavaScript number holding `n` stands for (the nearest double): what the page shows and runs."""
+    try:
+        return int(float(n))
+    except OverflowError:
+        return n
+
+
 def _fmt_component(c) -> str | None:
     if not isinstance(c, dict) or not (c.get("name") or c.get("file")):
         return None
@@ -1142,6 +1219,11 @@ def summarise(info: dict) -> str:
         elif key and setting.name != "height" and setting.applies_to(r):
             value = r.get(key)
             add(key, _fmt_input(value) if isinstance(value, dict) else _num(value) if isinstance(value, float) else value)
+    seed = r.get("seed")
+    if isinstance(seed, int) and seed >= PAGE_SEED_LIMIT and "workflow" in (info.get("raw") or {}):
+        add("note", f"seed {seed} is above 2^53, which ComfyUI's page cannot hold: it rounds the seed to "
+                    f"{_page_number(seed)} when the workflow is opened there, so that makes another image (the "
+                    "prompt chunk, queued through ComfyUI's API, keeps it exact)")
     add("model", _fmt_component(r.get("model")))
     add("text encoder", _fmt_component(r.get("text_encoder")))
     add("vae", _fmt_component(r.get("vae")))

@@ -109,6 +109,7 @@ class Runner:
         self._stack: Optional[list] = None
         self._remap: Optional[str] = None  # the --lora-remap the stack was merged with
         self._noted: set = set()
+        self._dirs: Optional[list] = None  # the models folders, looked up for the first recipe
         self.made = 0
 
     def set_loras(self, loras: list, callback=None, remap: str = "refuse") -> None:
@@ -138,6 +139,15 @@ class Runner:
         self.made += 1
         return Made(job, result.image, self.recipe(job, callback), timings)
 
+    def comfy_name(self, path, kind: str) -> str:
+        """The file's name in ComfyUI's loaders (its path inside the models-type folder), for the graphs."""
+        if self._dirs is None:
+            try:
+                self._dirs = discovery.models_dirs(self.load.models_dir)
+            except RdbtError:  # no models folder (the tiny model): the file's own folders tell
+                self._dirs = []
+        return discovery.comfy_name(path, kind, self._dirs)
+
     def recipe(self, job: Job, callback=None) -> dict:
         if not self.tiny:
             files = [self.paths.dit, self.paths.text_encoder, self.paths.vae, *(path for path, _ in job.loras)]
@@ -145,16 +155,17 @@ class Runner:
             if waiting:  # the first hash of a large file can outlast the image; it is then cached for good
                 pipeline.report(callback, "hash", files=waiting)
 
-        def component(path):
-            return metadata.component_record(path, self.hashes.get(path))
+        def component(path, kind):
+            return metadata.component_record(path, self.hashes.get(path), self.comfy_name(path, kind))
 
         eng = self.models
         return metadata.make_recipe(
             job.settings, seed=job.seed, index=job.index,
-            model=dict(metadata.TINY_COMPONENT) if self.tiny else component(self.paths.dit) | self.dit_format,
-            text_encoder=None if self.tiny else component(self.paths.text_encoder),
-            vae=None if self.tiny else component(self.paths.vae),
-            loras=[metadata.lora_record(path, weight, self.hashes.get(path)) for path, weight in job.loras],
+            model=dict(metadata.TINY_COMPONENT) if self.tiny else component(self.paths.dit, "dit") | self.dit_format,
+            text_encoder=None if self.tiny else component(self.paths.text_encoder, "te"),
+            vae=None if self.tiny else component(self.paths.vae, "vae"),
+            loras=[metadata.lora_record(path, weight, self.hashes.get(path), self.comfy_name(path, "lora"))
+                   for path, weight in job.loras],
             preset=job.preset, device=eng.device.type, dtype=str(eng.dtype).replace("torch.", ""),
             weights_fp8=eng.weights_fp8, **job.extra,
         )
