@@ -107,14 +107,17 @@ def run(*args):
 
 def test_gen_refuses_then_remaps_and_from_repeats_it(tmp_path):
     paths = ensure_tiny_models()
-    model = write_tiny_dit(tmp_path / "anima40.safetensors", dit=replace(TINY_DIT, num_blocks=40))
+    # 40 blocks, narrower than the tiny model so that making and running it stays cheap
+    dit = replace(TINY_DIT, num_blocks=40, model_channels=64, num_heads=1, mlp_dim=128, adaln_lora_dim=32)
+    model = write_tiny_dit(tmp_path / "anima40.safetensors", dit=dit)
     lora = tmp_path / "style.safetensors"
     g = torch.Generator().manual_seed(0)
     save_file({f"lora_unet_blocks_{i}_mlp_layer1.{r}.weight": 0.5 * torch.randn(s, generator=g)
-               for i in range(28) for r, s in (("lora_down", (4, 128)), ("lora_up", (512, 4)))}, str(lora))
+               for i in range(28) for r, s in (("lora_down", (4, 64)), ("lora_up", (128, 4)))}, str(lora))
     common = ("--text-encoder", paths.text_encoder, "--vae", paths.vae, "--qwen-tokenizer", paths.qwen_tokenizer,
               "--t5-tokenizer", paths.t5_tokenizer, "--device", "cpu", "--no-stack", "--quiet")
-    args = ("gen", "1girl", "--model", model, "--lora", lora, "--size", "64x64", "--steps", 2, "--seed", 3, *common)
+    args = ("gen", "1girl", "--model", model, "--lora", lora, "--size", "64x64", "--steps", 1, "--cfg", 1, "--seed", 3,
+            *common)
     r = run(*args, "--out", tmp_path / "x.png")
     assert r.exit_code != 0 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     assert "style.safetensors" in r.output and "--lora-remap" in r.output and "40 blocks" in r.output
