@@ -120,6 +120,7 @@ class Output:
         from rdbt_cli import preview
 
         off = self.no_preview or quiet or as_json or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb"
+        off = off or os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # torchrun: ranks would draw over each other
         protocol = None if off else preview.detect()
         return preview.Preview(protocol, self.preview_file) if protocol or self.preview_file else None
 

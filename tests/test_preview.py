@@ -193,5 +193,9 @@ def test_the_terminal_preview_is_off_unless_stderr_is_a_terminal_and_nothing_ask
     monkeypatch.setenv("TERM", "dumb")
     assert Output().preview(quiet=False, as_json=False) is None
     monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ranks of torchrun share the terminal
+    assert Output().preview(quiet=False, as_json=False) is None
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert Output().preview(quiet=False, as_json=False) is None
