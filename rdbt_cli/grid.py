@@ -154,9 +154,9 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
     from rdbt_cli import jobs
 
     recorded = (recipe or {}).get("grid") if isinstance((recipe or {}).get("grid"), dict) else {}
-    given = {"x": x, "y": y, "z": z}
-    if not any(given.values()):
-        given = {k: recorded.get(k) if isinstance(recorded.get(k), str) else None for k in AXES}
+    # An axis given replaces the recorded axis of its letter; the others stay.
+    given = {k: v or (recorded.get(k) if isinstance(recorded.get(k), str) else None)
+             for k, v in {"x": x, "y": y, "z": z}.items()}
     axes = {k: parse_axis(v, k) for k, v in given.items() if v}
     if not axes:
         raise ConfigError("a grid needs at least one axis, e.g. --x steps=12,20,28 (see rdbt grid --help)")

@@ -1182,6 +1182,8 @@ def _fmt_component(c) -> str | None:
     if not isinstance(c, dict) or not (c.get("name") or c.get("file")):
         return None
     label = c.get("file") or c.get("name")
+    if c.get("format") == "gguf":  # the quantisation changes the image as much as the file does
+        label = f"{label} (GGUF {c.get('quant') or '?'})"
     return f"{label} [{c['hash']}]" if c.get("hash") else str(label)
 
 

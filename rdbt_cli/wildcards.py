@@ -92,7 +92,8 @@ class Wildcards:
         values = self.manager().get_values(name)
         if not values:
             dirs = (f"in {', '.join(map(str, self.dirs))}" if self.dirs else
-                    f"(there is no wildcards folder yet: make {user_dir() / FOLDER} or wildcards/ in the models folder)")
+                    f"(there is no wildcards folder yet: make {user_dir() / FOLDER} or wildcards/ in the models "
+                    "folder)")
             raise ConfigError(f"{where}: wildcard __{name}__: no file {name}.txt with any lines {dirs}; add it or fix "
                               "the name")
         return [_unprotect(v) for v in values.string_values]

@@ -38,7 +38,8 @@ def test_axes_are_read_by_each_settings_rule():
     assert grid.parse_axis('prompt=red,"blue, long"').values == ("red", "blue, long")
     for text, needle in [("foo=1,2", "not a setting a grid can vary"), ("steps=0,2", "at least 1"),
                          ("cfg=1,x", "needs a number"), ("sampler=euler,nope", "unknown sampler"),
-                         ("steps", "SETTING=V1,V2"), ("cfg=1,,2", "empty value"), ("seed=1-9", "one seed per value|whole number"),
+                         ("steps", "SETTING=V1,V2"), ("cfg=1,,2", "empty value"),
+                         ("seed=1-9", "one seed per value|whole number"),
                          ("steps=2,2", "given twice"), ("count=1,2", "not a setting"), ("lora:x=0,a", "not a number"),
                          ("size=64x64,65x64", "multiple of 16")]:
         with pytest.raises(ConfigError, match=needle):
@@ -144,3 +145,10 @@ def test_the_sheet_recipe_runs_the_same_grid_again(made):
     assert len(again) == len(first) == 5
     for a, b in zip(first, again):
         assert np.array_equal(pixels(a), pixels(b)), (a, b)
+
+    from conftest import shared_path
+
+    gp = grid.plan(None, LoadParams(models_dir=str(shared_path("golden", "models"))), GenParams(steps=4), y="cfg=1,2",
+                   recipe=json.loads(Image.open(sheet).info["rdbt"]))  # another Y axis, the recorded X, a new flag
+    assert gp.record["x"] == record["x"] and gp.record["y"] == "cfg=1,2"
+    assert {c.job.settings.steps for c in gp.cells} == {4} and [c.job.settings.cfg for c in gp.cells] == [1, 1, 2, 2]
