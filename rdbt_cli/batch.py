@@ -431,16 +431,16 @@ def _already_saved(path: Path, job_key: str) -> bool:
 
 
 def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmatched: bool = False,
-        on_image=None, callback=None, on_warning=None, name=None):
+        on_image=None, callback=None, on_warning=None, name=None, server=None):
     """Make this rank's jobs; yields (path, runner.Made) after each image and its manifest line are written.
 
     `name(job, default_stem, dit=..., line=...)` gives an image's file stem (--name); by default L<line>-<index>-<seed>.
 
-    One model per batch process: the first job's. Lines that resolve to another file fail with that reason, as do
+    `server` is client.runner's (None: a running server that fits, False: none, or a URL). One model per batch
+    process: the first job's. Lines that resolve to another file fail with that reason, as do
     lines whose LoRAs are missing or do not fit; the rest go on.
     """
-    from rdbt_cli import metadata
-    from rdbt_cli.runner import Runner
+    from rdbt_cli import client, metadata
 
     if not bp.jobs:
         return
@@ -450,8 +450,8 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
     paths = planner.paths(model)
     loaded = planner.identity(model)
     load = replace(planner.load, model=model)
-    runner = Runner(load, paths, allow_unmatched=allow_unmatched, callback=callback,
-                    on_warning=lambda w: on_warning and on_warning(f"line {current.lineno}: {w}"))
+    runner = client.runner(server, load, paths, allow_unmatched=allow_unmatched, callback=callback,
+                           on_warning=lambda w: on_warning and on_warning(f"line {current.lineno}: {w}"))
     with Manifest(out_dir, bp.manifest, rank) as manifest:
         for current in bp.jobs:
             ln = current.lineno

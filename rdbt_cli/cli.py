@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rdbt_cli import __version__, completion, console, grid_cmd, settings
+from rdbt_cli import __version__, client, completion, console, grid_cmd, serve_cmd, settings
 from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.console import Progress
 from rdbt_cli.errors import ConfigError, RdbtError, Terminated
@@ -100,6 +100,7 @@ def main(
 
 
 app.command("grid")(friendly_errors(grid_cmd.grid))  # its options: grid_cmd.py; the grid: grid.py
+app.command("serve")(friendly_errors(serve_cmd.serve))  # its options and code: serve_cmd.py, server.py
 
 
 def _warn(message: str) -> None:
@@ -126,6 +127,7 @@ def gen(
     allow_unmatched: AllowUnmatchedOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-generate from the recipe recorded in a PNG (flags override).", rich_help_panel=settings.GEN_PANEL)] = None,
     load: LoadParams = None,
+    server=None,
     output: Output = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file or folder (default ./outputs/).", rich_help_panel=OUT, metavar="PATH")] = None,
     as_json: JsonOpt = False,
@@ -151,9 +153,8 @@ def gen(
         _note(unused)
 
     with Progress(len(todo), quiet, output.preview(quiet, as_json)) as bar:
-        from rdbt_cli.runner import Runner  # imports torch: seconds, under the progress line's "starting"
-
-        runner = Runner(load, paths, allow_unmatched=allow_unmatched, on_warning=bar.warn, callback=bar.event)
+        runner = client.runner(server, load, paths, allow_unmatched=allow_unmatched, on_warning=bar.warn,
+                               callback=bar.event, on_note=_note)  # loading here imports torch, under "starting"
         for job in todo:
             bar.start_image(f"seed {job.seed}", job.steps)
             made = runner.run(job, bar.event)
@@ -173,6 +174,7 @@ def batch(
     no_stack: NoStackOpt = False,
     allow_unmatched: AllowUnmatchedOpt = False,
     load: LoadParams = None,
+    server=None,
     output: Output = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT, metavar="DIR")] = None,
     as_json: JsonOpt = False,
@@ -209,7 +211,7 @@ def batch(
     made = 0
     with Progress(len(bp.jobs), quiet, output.preview(quiet, as_json)) as bar:
         for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched, name=output.stem,
-                                         on_image=bar.start_image, callback=bar.event, on_warning=bar.warn):
+                                         on_image=bar.start_image, callback=bar.event, on_warning=bar.warn, server=server):
             made += 1
             bar.done(path, image.recipe, image.timings, as_json)
     total, failures, wall = batch_mod.gather(rank, world, made, bp.failures, time.perf_counter() - t_start)

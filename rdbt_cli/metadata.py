@@ -342,6 +342,17 @@ def _strip_lora_tags(prompt: str) -> str:
     return re.sub(rf"[ \t]*{_TAG}", "", prompt)
 
 
+def lora_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
+    """A prompt's `<lora:NAME:WEIGHT>` tags as LoRAs, and the prompt without them (A1111 requests to the server)."""
+    specs = []
+    for name, weight in _LORA_TAG.findall(prompt):
+        try:
+            specs.append(LoraSpec(name.strip(), float(weight) if weight.strip() else 1.0))
+        except ValueError:
+            raise ConfigError(f"<lora:{name}:{weight}>: the weight must be a number, e.g. <lora:{name}:0.8>") from None
+    return _strip_lora_tags(prompt), specs
+
+
 def parse_parameters_text(text: str) -> dict:
     """Parse an A1111/Forge-style infotext into recipe fields (also what many other tools write)."""
     lines = text.strip().replace("\r\n", "\n").split("\n")
@@ -371,7 +382,7 @@ def parse_parameters_text(text: str) -> dict:
     schedule = fields.get("Schedule type")
     for key, value in params:
         if key == "Sampler":  # old A1111 labels carry the schedule too ("DPM++ 2M Karras")
-            sampler, implied = _sampler_from_label(value)
+            sampler, implied = sampler_from_label(value)
             recipe["sampler"] = sampler
             if implied and not schedule:
                 recipe["scheduler"] = implied
@@ -444,7 +455,7 @@ def _read_row(recipe: dict, setting, value: str) -> None:
     recipe[setting.recipe] = names.get(value.lower(), value) if names else _typed(setting.type, value)
 
 
-def _sampler_from_label(label: str) -> tuple[str, str | None]:
+def sampler_from_label(label: str) -> tuple[str, str | None]:
     """ComfyUI sampler name for an A1111 label; old A1111 labels carry the schedule ("DPM++ 2M Karras")."""
     low, names = label.strip().lower(), _FROM_LABEL["sampler"]
     if low in names:
@@ -863,6 +874,16 @@ def _pnginfo(recipe: dict):
         else:
             info.add_itxt(key, text, lang="", tkey="", zip=False)
     return info
+
+
+def png_bytes(pixels, recipe: dict | None = None) -> bytes:
+    """The PNG that save_png writes, in memory: what the server answers (A1111 base64 images, rdbt's native API)."""
+    import io
+
+    out = io.BytesIO()
+    _to_image(pixels).save(out, format="PNG", pnginfo=_pnginfo(recipe) if recipe is not None else None,
+                           compress_level=4)
+    return out.getvalue()
 
 
 def default_stem(recipe: dict | None) -> str:

@@ -151,7 +151,8 @@ def _output(values: dict, flags) -> Output:
 def generating(command):
     """Gives `command` one option per settings row with flags (plus --size) and per LoadParams field; it receives
     them as `flags` (GenParams, None = not given) and `load` (LoadParams). A command with an `output` parameter also
-    gets the _OUTPUT_OPTIONS, as `output` (Output)."""
+    gets the _OUTPUT_OPTIONS, as `output` (Output); one with a `server` parameter gets `serving`'s options."""
+    command = serving(command) if "server" in pyinspect.signature(command).parameters else command
     own = list(pyinspect.signature(command, eval_str=True).parameters.values())
     at = [p.name for p in own].index("flags")
     added = [_setting_param(s) for s in settings.SETTINGS if s.flags]
@@ -184,3 +185,38 @@ class DebugAnywhere(TyperGroup):
         if "--debug" in args[1:end]:
             args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
         return super().parse_args(ctx, args)
+
+
+SERVER = "Server"
+
+
+def serving(command):
+    """Gives `command` --server URL and --no-server, as `server`: None (use the one RDBT_HOME announces, if it has
+    the same models), False (never) or the URL (must be usable). Put it under `generating`."""
+    own = [p for p in pyinspect.signature(command, eval_str=True).parameters.values() if p.name != "server"]
+    url = typer.Option(help="Use the rdbt serve at this URL (default: the one running for this RDBT_HOME, when it "
+                       "has the same models loaded).", rich_help_panel=SERVER, metavar="URL")
+    added = [pyinspect.Parameter("server", pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                 annotation=Annotated[Optional[str], url]),
+             _option_param("no_server", bool, False, "Load the models here even if a server runs.", SERVER)]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        url, off = kwargs.pop("server"), kwargs.pop("no_server")
+        return command(**kwargs, server=False if off else url)
+
+    wrapper.__signature__ = pyinspect.Signature([*own, *added])
+    return wrapper
+
+
+def loading(command):
+    """Gives `command` one option per LoadParams field, as `load` (rdbt serve)."""
+    own = [p for p in pyinspect.signature(command, eval_str=True).parameters.values() if p.name != "load"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        load = {name: kwargs.pop(name) for name, *_ in _LOAD_OPTIONS}
+        return command(**kwargs, load=LoadParams(**{k: v.value if isinstance(v, Enum) else v for k, v in load.items()}))
+
+    wrapper.__signature__ = pyinspect.Signature([*own, *(_option_param(*spec, LOAD) for spec in _LOAD_OPTIONS)])
+    return wrapper

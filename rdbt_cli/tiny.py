@@ -14,16 +14,17 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from rdbt_cli.config import TINY_ADAPTER, TINY_DIT, TINY_QWEN, TINY_VAE, AdapterParams, DiTParams, QwenParams, VAEParams
-from rdbt_cli.engine import AnimaDiT, Qwen3Encoder, WanVAE
 from rdbt_cli.text import QWEN_PAD, QWEN_SPLIT_PATTERN, T5_EOS
+
+# torch and the engine are imported by the functions that build weights: once the tiny model exists,
+# ensure_tiny_models only names its files, so planning a tiny job (and `rdbt gen` through a server) stays torch-free.
 
 
 def _random_weights(module: torch.nn.Module, seed: int, prefix: str = "", norm_base=lambda key: 1.0) -> dict:
     """Random tensors for every key of `module` (built on the meta device), under `prefix`, bf16."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, meta in module.state_dict().items():
@@ -43,6 +44,8 @@ def _random_weights(module: torch.nn.Module, seed: int, prefix: str = "", norm_b
 def _save(sd: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
     save_file(sd, str(path))
     return path
 
@@ -51,6 +54,10 @@ def tiny_dit_state_dict(
     dit: DiTParams = TINY_DIT, adapter: AdapterParams = TINY_ADAPTER, seed: int = 0, prefix: str = "net."
 ) -> dict[str, torch.Tensor]:
     """A random Anima DiT + LLM adapter with the released keys under `prefix` (`net.` as released)."""
+    import torch
+
+    from rdbt_cli.engine import AnimaDiT
+
     with torch.device("meta"):
         model = AnimaDiT(dit, adapter)
     # The DiT's cross-attention q/k norms near 2 make a random text signal strong enough to test (as in the goldens).
@@ -61,6 +68,10 @@ def tiny_dit_state_dict(
 
 def tiny_qwen_state_dict(params: QwenParams = TINY_QWEN, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random Qwen3 text encoder in the released layout (`model.` keys)."""
+    import torch
+
+    from rdbt_cli.engine import Qwen3Encoder
+
     with torch.device("meta"):
         model = Qwen3Encoder(params)
     return _random_weights(model, seed, "model.")
@@ -68,6 +79,10 @@ def tiny_qwen_state_dict(params: QwenParams = TINY_QWEN, seed: int = 0) -> dict[
 
 def tiny_vae_state_dict(params: VAEParams = TINY_VAE, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random Wan 2.1 VAE in the released layout (bare keys)."""
+    import torch
+
+    from rdbt_cli.engine import WanVAE
+
     with torch.device("meta"):
         model = WanVAE(params)
     return _random_weights(model, seed)

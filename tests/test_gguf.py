@@ -112,6 +112,8 @@ def test_gen_runs_a_gguf_model_and_records_it(tmp_path, tiny_sd):
     recipe = json.loads(Image.open(out).text["rdbt"])
     assert recipe["model"]["file"] == "anima-Q8_0.gguf"
     assert (recipe["model"]["format"], recipe["model"]["quant"]) == ("gguf", "Q8_0")
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "anima-Q8_0.gguf (GGUF Q8_0)" in shown.output, shown.output
     # ComfyUI's UNETLoader lists no .gguf file: the graph loads it with ComfyUI-GGUF's loader node
     graph = json.loads(Image.open(out).text["prompt"])
     loader = next(n for n in graph.values() if "unet_name" in n["inputs"])

@@ -33,15 +33,19 @@ ALLOWED = {
     "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images",
              "wildcards"},
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
-    "batch": {"config", "errors", "settings", "jobs", "metadata", "runner"},
+    "batch": {"config", "errors", "settings", "jobs", "metadata", "runner", "client"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},
     "completion": {"errors", "discovery", "presets"},
     "naming": {"errors", "settings"},
     "preview": {"errors"},
+    "a1111": {"config", "errors", "metadata", "settings"},
+    "client": {"config", "errors", "metadata", "settings", "jobs", "runner"},
+    "server": {"config", "errors", "a1111", "client", "discovery", "jobs", "metadata", "settings", "runner", "sampling"},
+    "serve_cmd": {"completion", "config", "settings", "options", "client", "server"},
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
-    "cli", "images", "completion", "options", "wildcards", "grid", "grid_cmd",
+    "cli", "images", "completion", "options", "a1111", "client", "serve_cmd", "tiny", "wildcards", "grid", "grid_cmd",
     "naming", "preview",
 ]
 
