@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rdbt_cli import __version__, client, completion, console, grid_cmd, serve_cmd, settings
+from rdbt_cli import __version__, client, completion, console, files_cmd, grid_cmd, serve_cmd, settings
 from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.console import Progress
 from rdbt_cli.errors import ConfigError, RdbtError, Terminated
@@ -226,69 +226,8 @@ def batch(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@app.command()
-@friendly_errors
-def inspect(
-    images: Annotated[list[Path], typer.Argument(help="PNG files to read.")],
-    as_json: Annotated[bool, flag("--json", help="Print the recipe(s) as JSON.")] = False,
-):
-    """Show the recipe recorded in images (rdbt first, then A1111/Forge, then ComfyUI metadata)."""
-    from rdbt_cli import metadata
-
-    failed = 0
-    for path in images:
-        try:
-            info = metadata.inspectable(metadata.read_png(path))  # what breaks its rule is listed as skipped
-        except RdbtError as err:
-            if len(images) == 1:
-                raise
-            typer.echo(f"error: {err}", err=True)
-            failed += 1
-            continue
-        if as_json:
-            record = {"path": str(path), "source": info["source"], **info["recipe"]}
-            record |= {"skipped": info["skipped"]} if info["skipped"] else {}
-            try:
-                text = json.dumps(record, ensure_ascii=False)
-            except (ValueError, RecursionError):  # nested too deeply to write back
-                text = json.dumps({"path": str(path), "source": info["source"],
-                                   "skipped": ["recipe (nested too deeply to show)"]})
-            typer.echo(metadata.printable(text))
-        else:
-            if len(images) > 1:
-                typer.echo(f"== {path}")
-            typer.echo(metadata.printable(metadata.summarise(info)))
-    if failed:
-        raise typer.Exit(1)
-
-
-@app.command()
-@friendly_errors
-def models(
-    models_dir: Annotated[Optional[str], typer.Option(help="Models folder (also $RDBT_MODELS).")] = None,
-    hash_files: Annotated[bool, flag("--hash", help="Hash files not hashed before (slow once per file).")] = False,
-    as_json: Annotated[bool, flag("--json", help="JSON output.")] = False,
-):
-    """List the model files rdbt finds, with component type, size and short hash (AutoV2, as Civitai shows)."""
-    from rdbt_cli import discovery
-
-    dirs = list(discovery.models_dirs(models_dir))
-    if not dirs:
-        raise ConfigError(
-            "no models folder found; pass --models-dir DIR or set RDBT_MODELS (ComfyUI's models/ works as is), "
-            "or fetch the official files with `rdbt download`"
-        )
-    items = discovery.inventory(dirs)
-    if hash_files:
-        from dataclasses import replace
-
-        items = [replace(i, hash=discovery.file_hashes(i.path)["autov2"]) if i.supported and not i.hash else i
-                 for i in items]
-    rows = [console.model_row(i, dirs) for i in items]
-    if as_json:
-        typer.echo(json.dumps(rows, ensure_ascii=False, indent=1))
-    else:
-        console.print_models(rows, title=" · ".join(str(d) for d in dirs))
+app.command()(friendly_errors(files_cmd.inspect))  # these two read files: files_cmd.py
+app.command()(friendly_errors(files_cmd.models))
 
 
 @app.command()

@@ -71,7 +71,7 @@ class Item:
     allow_unmatched: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
-    listeners: list = field(default_factory=list)  # (loop, asyncio.Queue) of an SSE response
+    listeners: list = field(default_factory=list)  # (loop, asyncio.Queue, wants previews) of an SSE response
     results: list = field(default_factory=list)  # (png bytes, recipe, timings)
     interrupted: bool = False
     warnings: list = field(default_factory=list)
@@ -82,7 +82,7 @@ class Item:
 
 
 def _post(listeners: list, event: dict) -> None:
-    for loop, q in list(listeners):
+    for loop, q, _ in list(listeners):
         try:
             loop.call_soon_threadsafe(_put, q, event)
         except RuntimeError:  # that response's loop has closed
@@ -94,25 +94,17 @@ def _put(q: asyncio.Queue, event: dict) -> None:
         q.put_nowait(event)
 
 
-def preview_png(latent, size: tuple[int, int]) -> bytes:
-    """A false-colour look at a latent mid-sampling: its three strongest directions (PCA over the 16 channels) as RGB.
-
-    It shows the layout emerging for the cost of a 16x16 eigendecomposition, where a VAE decode of a full-size image
-    would take seconds on a CPU and hold the worker; colours are not the image's."""
-    import numpy as np
+def preview_png(latent, size: tuple[int, int] | None = None) -> bytes:
+    """A latent mid-sampling as a small PNG (preview.py's latent->RGB, no VAE decode), scaled to `size`."""
     from PIL import Image
 
-    x = latent.detach().float().cpu().numpy()[0, :, 0]  # [16, h, w]
-    c, h, w = x.shape
-    flat = x.reshape(c, -1)
-    flat = flat - flat.mean(axis=1, keepdims=True)
-    _, vectors = np.linalg.eigh(flat @ flat.T)
-    rgb = (vectors[:, ::-1][:, :3].T @ flat).reshape(3, h, w)
-    lo, hi = rgb.min(axis=(1, 2), keepdims=True), rgb.max(axis=(1, 2), keepdims=True)
-    pixels = ((rgb - lo) / np.maximum(hi - lo, 1e-6) * 255).astype(np.uint8).transpose(1, 2, 0)
-    image = Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.Resampling.BILINEAR)
+    from rdbt_cli import preview
+
+    image = Image.fromarray(preview.latent_rgb(latent))
+    if size is not None:
+        image = image.resize(size, Image.Resampling.BILINEAR)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 
@@ -284,8 +276,11 @@ class Service:
             elapsed = time.perf_counter() - s["first_step"]
             s["eta"] = elapsed / max(1, s["step"] - 1) * (s["steps"] - s["step"]) if s["step"] > 1 else None
             self.latent = info.get("denoised")
-            self._event(item, {"step": s["step"], "steps": s["steps"], "progress": round(done, 4),
-                               "eta": None if s["eta"] is None else round(s["eta"], 2)})
+            event = {"step": s["step"], "steps": s["steps"], "progress": round(done, 4),
+                     "eta": None if s["eta"] is None else round(s["eta"], 2)}
+            if self.latent is not None and any(want for _, _, want in [*item.listeners, *self.listeners]):
+                event["preview"] = base64.b64encode(preview_png(self.latent)).decode("ascii")
+            self._event(item, event)
 
         return callback
 
@@ -581,7 +576,8 @@ def make_app(service: Service, api_key: Optional[str] = None):
     @app.post("/rdbt/v1/generate")
     async def generate(request: Request):
         """The job table's fields as JSON; answers the PNG (one image), or Server-Sent Events with `Accept:
-        text/event-stream`: stages, steps with ETA, and each image as base64 PNG."""
+        text/event-stream`: stages, steps with ETA (and with ?preview=1 a latent preview PNG), and each image as
+        base64 PNG."""
         body = await body_json(request)
         if not isinstance(body, dict):
             raise HTTPProblem(422, "the request body must be a JSON object of settings")
@@ -614,7 +610,7 @@ def make_app(service: Service, api_key: Optional[str] = None):
                 "X-Rdbt-Seed": str(recipe["seed"]), "X-Rdbt-Timings": json.dumps(timings),
                 "X-Rdbt-Warnings": json.dumps(item.warnings)})
         events: asyncio.Queue = asyncio.Queue(maxsize=1000)
-        item.listeners.append((asyncio.get_running_loop(), events))
+        item.listeners.append((asyncio.get_running_loop(), events, request.query_params.get("preview") == "1"))
         service.submit(item)
         return StreamingResponse(_stream(item, events, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -648,9 +644,10 @@ def make_app(service: Service, api_key: Optional[str] = None):
 
     @app.get("/rdbt/v1/events")
     async def events_stream(request: Request):
-        """Every job's progress as Server-Sent Events, for watchers (the job's own stream has its images too)."""
+        """Every job's progress as Server-Sent Events, for watchers (?preview=1: with a preview PNG per step; the
+        job's own stream has its images too)."""
         events: asyncio.Queue = asyncio.Queue(maxsize=1000)
-        entry = (asyncio.get_running_loop(), events)
+        entry = (asyncio.get_running_loop(), events, request.query_params.get("preview") == "1")
         service.listeners.append(entry)
 
         async def gen():

@@ -19,7 +19,7 @@ import pytest
 
 from rdbt_cli import discovery, jobs, metadata
 
-# --- the page's prompt rewriting ---------------------------------------------------------------------------------------
+# --- the page's prompt rewriting --------------------------------------------------------------------------------------
 
 
 def page_process(text: str, choose=None) -> str:
@@ -86,7 +86,8 @@ def test_the_oracle_is_the_pages_rule():
 PROMPTS = [
     "1girl, {red|blue} hair", "{", "}", "|", "a|b", "{{x}}", "{}", "\\{", "\\}", "\\|", "\\\\{", "\\\\\\|",
     "see http://example.org/a//b", "// all gone", "/* c */ kept", "/*/", "*/ /*", "//\n//", "a/ /b", "\\/\\/",
-    "C:\\models\\{x}", "C:\\models\\x", "tab\\there", "\\\\", "back\\\\slash\\\\\\\\", "日本語 {猫|犬} // コメント",
+    "C:\\models\\{x}", "C:\\models\\x", "tab\\there", "\\\\", "back\\\\slash\\\\\\\\",
+    "日本語 {猫|犬} // コメント",
     "emoji 🐱 /**/ {|}", "", "score_9, (masterpiece:1.2), {a|{b|c}}", "\\a\\{b\\}c\\", "x\\",
 ]
 
@@ -182,7 +183,8 @@ def test_graphs_name_files_by_their_relative_path(monkeypatch):
         api, wf = metadata.comfy_graphs(r)
         by_class = {n["class_type"]: n["inputs"] for n in api.values()}
         ui = {n["type"]: n["widgets_values"] for n in wf["nodes"]}
-        assert by_class["LoraLoaderModelOnly"]["lora_name"] == ui["LoraLoaderModelOnly"][0] == f"style{sep}ink.safetensors"
+        want = f"style{sep}ink.safetensors"
+        assert by_class["LoraLoaderModelOnly"]["lora_name"] == ui["LoraLoaderModelOnly"][0] == want
         assert by_class["UNETLoader"]["unet_name"] == ui["UNETLoader"][0] == f"anima{sep}anima.safetensors"
     # A1111 names a LoRA by its file's stem wherever it sits (extensions-builtin/Lora/networks.py), so its text does
     text = metadata.to_parameters_text(r)

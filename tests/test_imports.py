@@ -30,6 +30,8 @@ ALLOWED = {
     "wildcards": {"config", "errors"},
     "grid": {"config", "errors", "settings", "jobs", "metadata", "runner"},
     "grid_cmd": {"config", "settings", "options", "grid", "metadata", "console"},
+    "lora_info": {"discovery"},
+    "files_cmd": {"console", "errors", "options", "lora_info", "metadata", "discovery", "lora_stack", "config", "jobs"},
     "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images",
              "wildcards"},
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
@@ -40,13 +42,15 @@ ALLOWED = {
     "preview": {"errors"},
     "a1111": {"config", "errors", "metadata", "settings"},
     "client": {"config", "errors", "metadata", "settings", "jobs", "runner"},
-    "server": {"config", "errors", "a1111", "client", "discovery", "jobs", "metadata", "settings", "runner", "sampling"},
+    "server": {"config", "errors", "a1111", "client", "discovery", "jobs", "metadata", "settings", "runner", "sampling",
+               "preview"},
     "serve_cmd": {"completion", "config", "settings", "options", "client", "server"},
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
     "cli", "images", "completion", "options", "a1111", "client", "serve_cmd", "tiny", "wildcards", "grid", "grid_cmd",
     "naming", "preview",
+    "lora_info", "files_cmd",
 ]
 
 

@@ -51,6 +51,11 @@ def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("serve_home")
     models = tmp_path_factory.mktemp("serve_models")
     _write_lora(models / "loras" / "style.safetensors")
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": np.zeros((4, 8), np.float32),  # an SDXL LoRA: fits nothing
+               "lora_unet_down_blocks_0.lora_up.weight": np.zeros((8, 4), np.float32)},
+              str(models / "loras" / "sdxl.safetensors"))
     env = {**os.environ, "RDBT_HOME": str(home)}
     env.pop("RDBT_MODELS", None)
     spawned = Spawned()
@@ -146,7 +151,7 @@ def test_listings_options_progress_and_interrupt(served):
     assert "Euler a" in api.util_get_sampler_names() and "er_sde" in api.util_get_sampler_names()
     assert "Karras" in [s["label"] for s in api.get_schedulers()]
     assert [m["title"] for m in api.get_sd_models()] == ["tiny"]
-    assert [lo["name"] for lo in api.get_loras()] == ["style"]
+    assert sorted(lo["name"] for lo in api.get_loras()) == ["sdxl", "style"]
     assert all("/" not in lo["path"] for lo in api.get_loras())  # names, never the server's paths
     assert api.get_options()["sd_model_checkpoint"] == "tiny"
     assert _call(served, "/sdapi/v1/options", {"sd_model_checkpoint": "tiny"})[0] == 200
@@ -192,6 +197,8 @@ def test_bad_requests_get_4xx_json_and_the_server_goes_on(served):
     assert _call(served, "/rdbt/v1/generate", {"prompt": "x", "model": "/etc/passwd"})[0] == 422
     assert _call(served, "/rdbt/v1/generate", {"prompt": "x", "bogus": 1})[0] == 422
     assert _call(served, "/nothing")[0] == 404
+    status, _, raw = _call(served, "/sdapi/v1/txt2img", {"prompt": "x <lora:sdxl:1>", **SMALL})  # fails in the job
+    assert status == 422 and "sdxl" in json.loads(raw)["detail"]
     status, headers, png = _call(served, "/rdbt/v1/generate", {"prompt": "still here", "seed": 1, **SMALL})
     assert status == 200 and headers["content-type"] == "image/png" and png.startswith(b"\x89PNG")
 
@@ -203,14 +210,29 @@ def test_native_api_png_and_event_stream(served):
     recipe = _recipe(image)
     assert status == 200 and headers["x-rdbt-seed"] == "9" and recipe["loras"][0]["weight"] == 0.3
     assert {"parameters", "rdbt", "prompt", "workflow"} <= set(image.info)
-    req = urllib.request.Request(served.url + "/rdbt/v1/generate", data=json.dumps(
+    watched = []
+
+    def watch():
+        with urllib.request.urlopen(served.url + "/rdbt/v1/events", timeout=60) as resp:
+            for kind, data in client._events(resp):
+                watched.append(kind)
+                if kind == "step" and data["step"] == data["steps"]:
+                    return
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(0.3)  # subscribed before the job starts
+    req = urllib.request.Request(served.url + "/rdbt/v1/generate?preview=1", data=json.dumps(
         {"prompt": "a fox", "seed": 9, "count": 2, **SMALL}).encode(), headers={"Accept": "text/event-stream"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         events = list(client._events(resp))
+    watcher.join(30)
+    assert "step" in watched and "stage" in watched
     kinds = [k for k, _ in events]
     steps = [d for k, d in events if k == "step"]
     assert kinds.count("image") == 2 and kinds[-1] == "done" and steps[-1]["step"] == steps[-1]["steps"] == 4
     assert "eta" in steps[-1] and {"stage": "decode"} in [d for k, d in events if k == "stage"]
+    assert Image.open(io.BytesIO(base64.b64decode(steps[0]["preview"]))).size == (8, 8)  # the latent's own size
 
 
 def test_a_client_that_goes_away_cancels_its_job(served):
