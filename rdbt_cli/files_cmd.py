@@ -44,6 +44,7 @@ def inspect(
         elif as_json:
             record = {"path": str(path), "source": info["source"], **info["recipe"]}
             record |= {"skipped": info["skipped"]} if info["skipped"] else {}
+            record |= {"notes": notes} if (notes := metadata.page_notes(info)) else {}
             try:
                 text = json.dumps(record, ensure_ascii=False)
             except (ValueError, RecursionError):  # nested too deeply to write back

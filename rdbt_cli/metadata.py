@@ -1191,6 +1191,16 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def page_notes(info: dict) -> list[str]:
+    """What ComfyUI's page would change when it opens read_png's image: a seed above 2^53 it cannot hold."""
+    seed = (info.get("recipe") or {}).get("seed")
+    if isinstance(seed, int) and seed >= PAGE_SEED_LIMIT and "workflow" in (info.get("raw") or {}):
+        return [f"seed {seed} is above 2^53, which ComfyUI's page cannot hold: it rounds the seed to "
+                f"{_page_number(seed)} when the workflow is opened there, so that makes another image (the prompt "
+                "chunk, queued through ComfyUI's API, keeps it exact)"]
+    return []
+
+
 def _page_number(n: int) -> int:
     """The integer a JavaScript number holding `n` stands for (the nearest double): what the page shows and runs."""
     try:
@@ -1242,11 +1252,8 @@ def summarise(info: dict) -> str:
         elif key and setting.name != "height" and setting.applies_to(r):
             value = r.get(key)
             add(key, _fmt_input(value) if isinstance(value, dict) else _num(value) if isinstance(value, float) else value)
-    seed = r.get("seed")
-    if isinstance(seed, int) and seed >= PAGE_SEED_LIMIT and "workflow" in (info.get("raw") or {}):
-        add("note", f"seed {seed} is above 2^53, which ComfyUI's page cannot hold: it rounds the seed to "
-                    f"{_page_number(seed)} when the workflow is opened there, so that makes another image (the "
-                    "prompt chunk, queued through ComfyUI's API, keeps it exact)")
+    for note in page_notes(info):
+        add("note", note)
     add("model", _fmt_component(r.get("model")))
     add("text encoder", _fmt_component(r.get("text_encoder")))
     add("vae", _fmt_component(r.get("vae")))

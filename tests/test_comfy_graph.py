@@ -151,6 +151,12 @@ def test_large_user_seed_stays_exact_and_inspect_says_the_page_rounds_it(tmp_pat
     assert [n["inputs"]["seed"] for n in api.values() if n["class_type"] == "KSampler"] == [seed]
     summary = metadata.summarise(metadata.inspectable(info))
     assert f"seed {seed} is above 2^53" in summary and str(int(float(seed))) in summary
+    from typer.testing import CliRunner
+
+    from rdbt_cli.cli import app
+
+    shown = json.loads(CliRunner().invoke(app, ["inspect", str(path), "--json"]).output)
+    assert shown["seed"] == seed and "2^53" in shown["notes"][0]
     small = metadata.save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "y.png", _recipe(seed=2**53 - 1))
     assert "2^53" not in metadata.summarise(metadata.inspectable(metadata.read_png(small)))
 
