@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from rdbt_cli.errors import ConfigError
 
 ASPECT_TOLERANCE = 0.02  # a mask whose shape differs more than this from its image's was made for another picture
@@ -43,17 +41,23 @@ def _open_rgb(path, what: str):
 
 def read_image(path) -> np.ndarray:
     """The init image as uint8 [H, W, 3]."""
+    import numpy as np  # here, not at import: planning a job without input images (rdbt gen via a server) skips it
+
     return np.asarray(_open_rgb(path, "init image"))
 
 
 def read_mask(path) -> np.ndarray:
     """The mask as float32 [H, W] in [0, 1]: red / 255, white = repaint."""
+    import numpy as np
+
     return np.asarray(_open_rgb(path, "mask"))[..., 0].astype(np.float32) / np.float32(255.0)
 
 
 def lanczos(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """uint8 [H, W, 3] scaled to width x height by Pillow's Lanczos, as ComfyUI's ImageScale (crop disabled)."""
     from PIL import Image
+
+    import numpy as np
 
     return np.asarray(Image.fromarray(pixels).resize((width, height), resample=Image.Resampling.LANCZOS))
 
