@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from rdbt_cli import discovery, images, lora_stack, presets, settings, text, wildcards
+from rdbt_cli import discovery, images, lora_info, lora_stack, presets, settings, text, wildcards
 from rdbt_cli.config import LoadParams, LoraSpec, ModelPaths
 from rdbt_cli.settings import DEFAULTS, GenParams
 
@@ -118,6 +118,7 @@ class Planner:
         self._stack: Optional[list[LoraSpec]] = None
         self._paths: dict = {}
         self._lora_files: dict = {}
+        self._lora_notes: dict = {}
         self._inputs: dict = {}
         self._wildcards: Optional[wildcards.Wildcards] = None
 
@@ -214,6 +215,18 @@ class Planner:
         merged = settings.combine_loras(specs, key=lambda s: os.path.realpath(found[s.name]))
         return [(found[s.name], s.weight) for s in merged]
 
+    def lora_notes(self, files: list[tuple[Path, float]]) -> list[str]:
+        """A warning for each LoRA whose training metadata names another model family (each file read once)."""
+        from rdbt_cli.errors import RdbtError
+
+        for path, _ in files:
+            if path not in self._lora_notes:
+                try:
+                    self._lora_notes[path] = lora_info.describe(path)["warning"]
+                except RdbtError:  # a damaged file: loading it says what is wrong
+                    self._lora_notes[path] = None
+        return [self._lora_notes[path] for path, _ in files if self._lora_notes[path]]
+
     def job(self, gen: GenParams, seed: int, index: int, paths: ModelPaths, preset=None, model=None,
             prompt: Optional[str] = None, **extra) -> Job:
         """One image. Its prompt is `prompt` as given, else the one gen.prompt's variants and wildcards make for this
@@ -226,7 +239,8 @@ class Planner:
             extra = {"prompt_template": gen.prompt, **extra}
         resolved = replace(gen, seed=seed, prompt=gen.prompt if prompt is None else prompt,
                            loras=[LoraSpec(str(p), w) for p, w in files])
-        notes = [*(self.inputs(gen).notes if gen.init_image else []), *settings.advice(gen)]
+        notes = [*(self.inputs(gen).notes if gen.init_image else []), *settings.advice(gen),
+                 *self.lora_notes(files)]
         return Job(resolved, seed, index, getattr(preset, "name", None), model, files, extra, notes)
 
 

@@ -33,7 +33,7 @@ ALLOWED = {
     "lora_info": {"discovery"},
     "files_cmd": {"console", "errors", "options", "lora_info", "metadata", "discovery", "lora_stack", "config", "jobs"},
     "jobs": {"config", "errors", "settings", "presets", "lora_stack", "discovery", "text", "metadata", "tiny", "images",
-             "wildcards"},
+             "wildcards", "lora_info"},
     "runner": {"config", "errors", "discovery", "metadata", "pipeline", "jobs"},
     "batch": {"config", "errors", "settings", "jobs", "metadata", "runner", "client"},
     "bench": {"config", "engine", "sampling", "pipeline", "tiny", "errors"},

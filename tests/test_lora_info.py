@@ -106,3 +106,16 @@ def test_a_broken_header_is_one_line(tmp_path):
     r = run("inspect", bad)
     out = r.output.strip()
     assert r.exit_code != 0 and len(out.splitlines()) == 1 and "Traceback" not in out and "bad.safetensors" in out
+
+
+def test_gen_warns_about_a_lora_of_another_family_before_loading(tmp_path, shared_tiny):
+    from rdbt_cli.config import LoadParams
+    from rdbt_cli.jobs import plan
+
+    sdxl = _lora(tmp_path / "old.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"})
+    ink = _lora(tmp_path / "ink.safetensors", KOHYA)
+    jobs, _, _ = plan("x", LoadParams(model="tiny"), loras=[f"{sdxl}:0.5", f"{ink}:1"], count=2, seed=1)
+    assert [[n for n in job.notes if "trained for" in n] for job in jobs] == [
+        [f"old.safetensors: its metadata says it was trained for SDXL (ss_base_model_version sdxl_base_v1-0), not "
+         "Anima; its weights do not fit Anima's layers (rdbt refuses keys that match nothing), so look for an Anima "
+         "version of it"]] * 2
