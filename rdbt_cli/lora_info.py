@@ -52,12 +52,17 @@ _FAMILIES = [
     ("lumina", "Lumina"), ("chroma", "Chroma"), ("hunyuan", "Hunyuan"), ("qwen[-_]image", "Qwen-Image"),
     ("hidream", "HiDream"), ("z[-_]image", "Z-Image"),
 ]
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# C0/C1 controls (terminal escapes), line separators and bidirectional overrides (text that reads back to front)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def clean(value: str, limit: int = _MAX_VALUE) -> str:
     """One value fit to show: control characters as \\xNN escapes, newlines as spaces, at most `limit` characters."""
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value.replace("\r\n", " ").replace("\n", " "))
+    text = _CONTROL.sub(lambda m: _escape(ord(m.group())), value.replace("\r\n", " ").replace("\n", " "))
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

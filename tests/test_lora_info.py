@@ -71,12 +71,13 @@ def test_another_family_is_warned_about(tmp_path, meta, family):
 
 
 def test_strangers_metadata_is_bounded_and_cleaned(tmp_path):
-    meta = {"ss_tag_frequency": "[" * 200_000, "ss_output_name": "evil\x1b[2J\x1b]0;pwn\x07name\nsecond line",
+    meta = {"ss_tag_frequency": "[" * 200_000, "ss_output_name": "evil\x1b[2J\x1b]0;pwn\x07name\u202e\nsecond line",
             "ss_network_args": "{not json", "modelspec.description": "x" * 100_000, "ss_network_dim": "None"}
     info = lora_info.describe(_lora(tmp_path / "x.safetensors", meta))
     assert info["tags"] == []  # JSON nested past Python's limit: no tags, no crash
     title = info["training"]["title"]
-    assert "\x1b" not in title and "\x07" not in title and "\n" not in title and "\\x1b[2J" in title
+    assert "\x1b" not in title and "\x07" not in title and "\n" not in title and "\u202e" not in title
+    assert "\\x1b[2J" in title
     assert len(info["training"]["description"]) == 200 and info["training"]["network args"] == "{not json"
     assert "dim" not in info["training"]  # "None" is no value
     for odd in ({"a": ["1girl"]}, ["1girl"], {"a": {"1girl": "many", "solo": True, "x": -1, "y": 2}}):
