@@ -223,7 +223,7 @@ class RemoteRunner:
     def body(self, job) -> dict:
         g = job.settings
         body = {name: getattr(g, name) for name in _SENT if getattr(g, name) is not None}
-        body.update(seed=job.seed, index=job.index, count=1, allow_unmatched=self.allow_unmatched,
+        body.update(seed=job.seed, index=job.index, count=1, allow_unmatched=self.allow_unmatched, resolved=True,
                     loras=[{"name": self._lora_name(p), "weight": w} for p, w in job.loras])
         for name in ("init_image", "mask"):
             if getattr(g, name):

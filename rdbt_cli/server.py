@@ -190,8 +190,9 @@ class Service:
         return str(path)
 
     def plan(self, values: dict, *, loras=(), model=None, init_image=None, mask=None, invert_mask=False,
-             index=None, allow_unmatched=False) -> Item:
-        """Check a request and resolve it to jobs (ConfigError on any problem: a 422)."""
+             index=None, allow_unmatched=False, resolved=False) -> Item:
+        """Check a request and resolve it to jobs (ConfigError on any problem: a 422). The server's preset goes under
+        the request's values unless they are `resolved` already (a gen or batch client resolved its own)."""
         prompt = values.pop("prompt", None)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("prompt: give a prompt (the text of the picture)")
@@ -207,7 +208,7 @@ class Service:
         values = {**values, "loras": files, "init_image": self._input(init_image),
                   "mask": self._input(mask, invert_mask)}
         flags = a1111.check({k: v for k, v in values.items() if v is not None})
-        planned, load, paths = jobs.plan(prompt, load, flags, preset=self.preset, no_stack=True)
+        planned, load, paths = jobs.plan(prompt, load, flags, preset=None if resolved else self.preset, no_stack=True)
         lim = self.limits
         if len(planned) > lim.max_count:
             raise ConfigError(f"{len(planned)} images in one request; this server makes at most {lim.max_count}")
@@ -582,7 +583,8 @@ def make_app(service: Service, api_key: Optional[str] = None):
         if not isinstance(body, dict):
             raise HTTPProblem(422, "the request body must be a JSON object of settings")
         body = dict(body)
-        extra = {k: body.pop(k, None) for k in ("model", "index", "allow_unmatched", "init_image", "mask", "size")}
+        extra = {k: body.pop(k, None) for k in ("model", "index", "allow_unmatched", "init_image", "mask", "size",
+                                                "resolved")}
         specs = body.pop("loras", None) or []
         if not isinstance(specs, list):
             raise HTTPProblem(422, "loras must be a list of \"NAME:WEIGHT\" or {\"name\", \"weight\"}")
@@ -597,7 +599,7 @@ def make_app(service: Service, api_key: Optional[str] = None):
         stream = "text/event-stream" in request.headers.get("accept", "")
         images = {k: a1111.decode_image(extra[k], k) if extra[k] else None for k in ("init_image", "mask")}
         item = await plan(values=body, loras=loras, model=extra["model"], index=extra["index"],
-                          allow_unmatched=extra["allow_unmatched"], **images)
+                          allow_unmatched=extra["allow_unmatched"], resolved=bool(extra["resolved"]), **images)
         if len(item.jobs) > 1 and not stream:
             raise HTTPProblem(422, "count above 1 needs Accept: text/event-stream (each image is an event); or send "
                                    "one request per seed")

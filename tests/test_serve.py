@@ -354,6 +354,29 @@ def test_batch_through_the_server_and_a_stale_server_file(at_home, tmp_path, mon
     assert "model tiny" in status.output and at_home.url in status.output
 
 
+def test_which_server_a_client_uses(at_home, tmp_path):
+    from rdbt_cli.config import LoadParams, ModelPaths
+    from rdbt_cli.errors import ConfigError
+    from rdbt_cli.server import bind
+
+    info = _status(at_home)
+    tiny = ModelPaths(*(tmp_path / n for n in ("dit", "te", "vae", "q", "t")))
+    assert client._mismatch(info, LoadParams(model="tiny"), tiny) is None
+    assert client._mismatch(info, LoadParams(model="tiny", device="cpu", dtype="fp32"), tiny) is None
+    assert "--dtype" in client._mismatch(info, LoadParams(model="tiny", dtype="bf16"), tiny)
+    assert "model 'tiny'" in client._mismatch(info, LoadParams(model=str(tmp_path / "dit")), tiny)
+    notes = []
+    assert client.connect(None, LoadParams(model="tiny", dtype="bf16"), tiny, on_note=notes.append) is None
+    assert "not used" in notes[0]
+    with pytest.raises(ConfigError, match="--no-server"):
+        client.connect(at_home.url, LoadParams(model="tiny", dtype="bf16"), tiny)
+    result = CliRunner().invoke(app, ["gen", "x", "--model", "tiny", "--server", "http://127.0.0.1:9", "-o",
+                                      str(tmp_path)])
+    assert result.exit_code == 2 and "no rdbt server answers" in result.output and "Traceback" not in result.output
+    with pytest.raises(ConfigError, match="another server may be there"):
+        bind("127.0.0.1", at_home.port)
+
+
 def test_stop_ends_the_server_cleanly(at_home):
     result = CliRunner().invoke(app, ["serve", "--stop"])
     assert result.exit_code == 0 and "stopped" in result.output
