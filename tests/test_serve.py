@@ -377,8 +377,24 @@ def test_which_server_a_client_uses(at_home, tmp_path):
         bind("127.0.0.1", at_home.port)
 
 
-def test_stop_ends_the_server_cleanly(at_home):
+def test_stop_ends_the_server_cleanly_and_cancels_its_job(at_home):
+    events, started = [], threading.Event()
+
+    def long_job():
+        req = urllib.request.Request(at_home.url + "/rdbt/v1/generate", data=json.dumps(
+            {"prompt": "long", "seed": 3, "steps": 200, "width": 128, "height": 128}).encode(),
+            headers={"Accept": "text/event-stream"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            for kind, data in client._events(resp):
+                events.append((kind, data))
+                started.set()
+
+    job = threading.Thread(target=long_job)
+    job.start()
+    assert started.wait(30)
     result = CliRunner().invoke(app, ["serve", "--stop"])
+    job.join(30)
+    assert events[-1] == ("done", {"interrupted": True, "images": 0})
     assert result.exit_code == 0 and "stopped" in result.output
     assert at_home.proc.wait(30) == 0  # SIGTERM is a clean exit
     assert not (at_home.home / client.SERVER_FILE).exists()
