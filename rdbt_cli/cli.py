@@ -209,6 +209,7 @@ def batch(
         _note(f"line{'s' if len(unused) > 1 else ''} {', '.join(map(str, unused))}: "
               f"{jobs.unused_negative(bp.lines[unused[0]][0])}")
     made = 0
+    server = server if world == 1 else False  # under torchrun each rank loads the models onto its own GPU
     with Progress(len(bp.jobs), quiet, output.preview(quiet, as_json)) as bar:
         for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched, name=output.stem,
                                          on_image=bar.start_image, callback=bar.event, on_warning=bar.warn, server=server):
