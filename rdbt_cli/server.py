@@ -531,6 +531,33 @@ def make_app(service: Service, api_key: Optional[str] = None):
     def scripts():
         return {"txt2img": [], "img2img": []}
 
+    # What clients list before they offer choices (SillyTavern, Open WebUI): what rdbt has, or nothing.
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 2}
+                for name in ("Latent", "Lanczos")]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": "Latent"}, {"name": "Latent (nearest-exact)"}]
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae():
+        return []
+
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles():
+        return []
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings():
+        return {"loaded": {}, "skipped": {}}
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh():
+        return None  # the listings are read from the folders on every request
+
     @app.get("/sdapi/v1/options")
     def get_options():
         return {"sd_model_checkpoint": service.model_name(), "samples_format": "png",
@@ -550,8 +577,7 @@ def make_app(service: Service, api_key: Optional[str] = None):
                 _, load, paths = jobs.plan("switch", replace(service.load, model=wanted), no_stack=True)
                 return Item([], load, paths)
 
-            item = await wait(service.submit(await run_in_threadpool(switch)), request)
-            del item
+            await wait(service.submit(await run_in_threadpool(switch)), request)
         return None
 
     @app.get("/sdapi/v1/progress")

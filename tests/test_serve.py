@@ -154,6 +154,7 @@ def test_listings_options_progress_and_interrupt(served):
     assert sorted(lo["name"] for lo in api.get_loras()) == ["sdxl", "style"]
     assert all("/" not in lo["path"] for lo in api.get_loras())  # names, never the server's paths
     assert api.get_options()["sd_model_checkpoint"] == "tiny"
+    assert [u["name"] for u in api.get_upscalers()] == ["Latent", "Lanczos"] and api.get_sd_vae() == []
     assert _call(served, "/sdapi/v1/options", {"sd_model_checkpoint": "tiny"})[0] == 200
     assert _call(served, "/sdapi/v1/options", {"sd_model_checkpoint": "../../etc/passwd"})[0] == 422
 
