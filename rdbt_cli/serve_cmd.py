@@ -9,6 +9,7 @@ import typer
 
 from rdbt_cli import completion, settings
 from rdbt_cli.config import LoadParams
+from rdbt_cli.errors import ConfigError
 from rdbt_cli.options import flag, loading
 
 SERVE = "Server"
@@ -36,7 +37,10 @@ def serve(
     if status or stop:
         typer.echo(client.stop() if stop else client.describe())
         return
-    from rdbt_cli import server
-
+    try:
+        from rdbt_cli import server
+    except ImportError as e:
+        raise ConfigError(f"rdbt serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'rdbt[serve]'") \
+            from None
     server.serve(load, host=host, port=port, preset=preset, api_key=api_key, insecure=insecure,
                  limits=server.Limits(queue=queue))

@@ -44,7 +44,7 @@ ALLOWED = {
     "client": {"config", "errors", "metadata", "settings", "jobs", "runner"},
     "server": {"config", "errors", "a1111", "client", "discovery", "jobs", "metadata", "settings", "runner", "sampling",
                "preview"},
-    "serve_cmd": {"completion", "config", "settings", "options", "client", "server"},
+    "serve_cmd": {"completion", "config", "errors", "settings", "options", "client", "server"},
 }
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",

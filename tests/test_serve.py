@@ -312,6 +312,16 @@ def test_api_key_on_every_route_and_other_hosts_need_one(tmp_path):
     assert result.exit_code == 2 and "--api-key" in result.output and "Traceback" not in result.output
 
 
+def test_serve_without_its_extra_says_how_to_install_it(monkeypatch):
+    import rdbt_cli
+
+    monkeypatch.delattr(rdbt_cli, "server", raising=False)
+    monkeypatch.delitem(sys.modules, "rdbt_cli.server", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    result = CliRunner().invoke(app, ["serve", "--model", "tiny", "--port", "0"])
+    assert result.exit_code == 2 and "pip install 'rdbt[serve]'" in result.output
+
+
 def test_gen_through_the_server_is_torch_free_and_makes_the_same_image(at_home, tmp_path, spawn):
     args = ["gen", "a red fox", "--model", "tiny", "--steps", "2", "--size", "64x64", "--seed", "21", "--lora",
             "style:0.7", "--models-dir", str(at_home.models), "--device", "cpu", "--json"]
