@@ -232,14 +232,14 @@ class Service:
             self.queue.put_nowait(item)
         except queue.Full:
             raise HTTPProblem(503, f"the queue is full ({self.limits.queue} requests wait); try again shortly",
-                              {"Retry-After": str(max(1, int(self.state.get("eta", 5))))}) from None
+                              {"Retry-After": str(max(1, int(self.state.get("eta") or 5)))}) from None
         return item
 
     # -- the worker -------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load the default model, then start the worker."""
-        _, load, paths = jobs.plan("warm-up", self.load, no_stack=True)
+        _, load, paths = jobs.plan("warm-up", self.load, preset=self.preset, no_stack=True)  # the preset's model
         self._switch(load, paths)
         self.thread.start()
 
@@ -250,7 +250,7 @@ class Service:
         if identity == self.loaded:
             return
         self.log(f"loading {Path(paths.dit).name if load.model != jobs.TINY else 'the tiny model'} ...")
-        self.runner = None  # the old weights go before the new ones load
+        self.runner, self.loaded = None, None  # the old weights go before the new ones load (or fail to)
         t = time.perf_counter()
         self.runner = Runner(load, paths, on_warning=lambda w: self.log(f"warning: {w}"))
         self.loaded, self.paths, self.load = identity, paths, replace(self.load, model=load.model)
