@@ -11,8 +11,12 @@ numpy and Pillow only, no torch, so every input is opened, decoded and checked b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rdbt_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ASPECT_TOLERANCE = 0.02  # a mask whose shape differs more than this from its image's was made for another picture
 

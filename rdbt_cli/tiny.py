@@ -13,12 +13,15 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rdbt_cli.config import TINY_ADAPTER, TINY_DIT, TINY_QWEN, TINY_VAE, AdapterParams, DiTParams, QwenParams, VAEParams
 from rdbt_cli.text import QWEN_PAD, QWEN_SPLIT_PATTERN, T5_EOS
 
 # torch and the engine are imported by the functions that build weights: once the tiny model exists,
 # ensure_tiny_models only names its files, so planning a tiny job (and `rdbt gen` through a server) stays torch-free.
+if TYPE_CHECKING:
+    import torch
 
 
 def _random_weights(module: torch.nn.Module, seed: int, prefix: str = "", norm_base=lambda key: 1.0) -> dict:

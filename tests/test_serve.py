@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import os
-import signal
 import sys
 import threading
 import time
