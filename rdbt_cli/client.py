@@ -304,8 +304,9 @@ def describe() -> str:
             f"{'busy' if info['busy'] else 'idle'}, {info['queued']} waiting, up {info['uptime_s']:.0f} s")
 
 
-def stop(timeout: float = 30.0) -> str:
-    """SIGTERM to the announced server, then wait for it to exit."""
+def stop(timeout: float = 60.0) -> str:
+    """SIGTERM to the announced server, then wait for it to exit (a CPU step or decode of the full model, which
+    cannot stop midway, can take tens of seconds)."""
     import signal
     import time
 
