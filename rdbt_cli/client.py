@@ -206,6 +206,7 @@ class RemoteRunner:
         from rdbt_cli.jobs import Planner
 
         self.found, self.on_warning, self.allow_unmatched = found, on_warning, allow_unmatched
+        self.noted: set = set()
         self.lora_dirs = Planner(load).lora_dirs(paths.dit)
         self.url = found.url
 
@@ -231,8 +232,10 @@ class RemoteRunner:
         return body
 
     def run(self, job, callback=None) -> Made:
-        for note in job.notes:
-            self.on_warning(note)
+        for note in job.notes:  # once per run, as runner.Runner says them
+            if note not in self.noted:
+                self.noted.add(note)
+                self.on_warning(note)
         try:
             resp = _request(self.url, self.found.api_key, "/rdbt/v1/generate", self.body(job), timeout=120,
                             stream=True)
