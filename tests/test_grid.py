@@ -3,7 +3,6 @@ the image `gen` makes with the same settings (a LoRA weight axis switching by ex
 whose recipe runs the whole grid again."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

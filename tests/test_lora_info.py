@@ -87,7 +87,7 @@ def test_strangers_metadata_is_bounded_and_cleaned(tmp_path):
 def test_inspect_and_models_show_it(tmp_path):
     models = tmp_path / "models"
     lora = _lora(models / "loras" / "style" / "ink.safetensors", KOHYA)
-    sdxl = _lora(models / "loras" / "old.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"})
+    _lora(models / "loras" / "old.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"})
     r = run("inspect", lora)
     assert r.exit_code == 0 and "base model:" in r.output and "anima_preview" in r.output, r.output
     r = run("inspect", lora, "--json")
@@ -117,6 +117,6 @@ def test_gen_warns_about_a_lora_of_another_family_before_loading(tmp_path, share
     ink = _lora(tmp_path / "ink.safetensors", KOHYA)
     jobs, _, _ = plan("x", LoadParams(model="tiny"), loras=[f"{sdxl}:0.5", f"{ink}:1"], count=2, seed=1)
     assert [[n for n in job.notes if "trained for" in n] for job in jobs] == [
-        [f"old.safetensors: its metadata says it was trained for SDXL (ss_base_model_version sdxl_base_v1-0), not "
+        ["old.safetensors: its metadata says it was trained for SDXL (ss_base_model_version sdxl_base_v1-0), not "
          "Anima; its weights do not fit Anima's layers (rdbt refuses keys that match nothing), so look for an Anima "
          "version of it"]] * 2

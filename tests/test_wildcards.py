@@ -2,8 +2,6 @@
 ComfyUI syntax untouched, each bad template one line before anything loads, and the recipe keeping both texts."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
