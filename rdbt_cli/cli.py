@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rdbt_cli import __version__, client, completion, console, files_cmd, grid_cmd, serve_cmd, settings
+from rdbt_cli import __version__, completion, console, files_cmd, grid_cmd, serve_cmd, settings
 from rdbt_cli.config import SAMPLER_NAMES, SCHEDULER_NAMES, LoadParams
 from rdbt_cli.console import Progress
 from rdbt_cli.errors import ConfigError, RdbtError, Terminated
@@ -135,7 +135,7 @@ def gen(
     quiet: QuietOpt = False,
 ):
     """Generate images from a prompt."""
-    from rdbt_cli import jobs, metadata
+    from rdbt_cli import client, jobs, metadata
 
     recipe = metadata.read_recipe(from_image) if from_image is not None else None
     if prompt == "-":

@@ -12,8 +12,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from rdbt_cli.config import LoraSpec, user_dir
 from rdbt_cli.discovery import PICKLE_SUFFIXES, classify
 from rdbt_cli.errors import LoraError, io_problem
@@ -86,6 +84,8 @@ def save_stack(specs: list[LoraSpec]) -> Path:
 def _editing():
     """One editor at a time: parallel `lora-stack` commands (scripts, several terminals) each read the stack another
     has finished writing, so no update is lost; the write itself is an atomic replace."""
+    from filelock import FileLock, Timeout  # here: gen and batch read the stack, only edits lock it (20 ms)
+
     path = stack_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from rdbt_cli import completion, naming, settings
+from rdbt_cli import coercion, completion, naming, settings
 from rdbt_cli.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LoadParams
 
 # Choice types for Typer, built from config's lists so the names live in one place.
@@ -181,10 +181,16 @@ class DebugAnywhere(TyperGroup):
     """`--debug` works after the subcommand too (`rdbt gen ... --debug`): it is moved in front of it."""
 
     def parse_args(self, ctx, args):
+        coercion.lighten(self, ctx)  # the options' values without pydantic: see coercion.py
         end = args.index("--") if "--" in args else len(args)
         if "--debug" in args[1:end]:
             args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
         return super().parse_args(ctx, args)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        coercion.lighten(command, ctx)
+        return command
 
 
 SERVER = "Server"

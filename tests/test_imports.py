@@ -20,7 +20,8 @@ ALLOWED = {
     "text": {"config", "errors"},
     "settings": {"config", "errors"},
     "console": set(),
-    "options": {"completion", "config", "settings", "naming", "jobs", "preview", "errors"},
+    "coercion": set(),
+    "options": {"coercion", "completion", "config", "settings", "naming", "jobs", "preview", "errors"},
     "presets": {"config", "errors", "settings"},
     "metadata": {"config", "errors", "settings"},
     "engine": {"config", "discovery", "errors"},
@@ -49,7 +50,7 @@ ALLOWED = {
 TORCH_FREE = [
     "config", "errors", "discovery", "lora_stack", "text", "settings", "presets", "metadata", "jobs", "batch", "console",
     "cli", "images", "completion", "options", "a1111", "client", "serve_cmd", "tiny", "wildcards", "grid", "grid_cmd",
-    "naming", "preview",
+    "naming", "preview", "coercion",
     "lora_info", "files_cmd",
 ]
 
