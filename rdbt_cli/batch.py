@@ -399,6 +399,7 @@ def plan(text: str, load, flags: GenParams, *, preset: str | None = None, no_sta
             overrides = anchor_files(line.overrides, Path(base_dir) if base_dir is not None else Path.cwd())
             g, p, m = planner.settings(layer(flags, overrides), line.preset or preset, model_flag=load.model)
             planner.wildcards().check(g.prompt)  # a missing wildcard file fails its line before anything loads
+            planner.wildcards().check(g.negative or "", "negative prompt")
             if g.combinatorial:
                 combos[line.lineno] = planner.wildcards().combinations(g.prompt)
         except RdbtError as err:

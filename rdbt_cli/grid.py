@@ -12,8 +12,9 @@ An axis is NAME=V1,V2,... (the values are read as CSV, so a value with a comma i
   each cell replaces it by its own value; the first cell is the prompt as written.
 
 Every cell is planned by jobs.plan, exactly as `rdbt gen` with that cell's flags would plan it (so a cell's image is
-the image `gen` makes), before anything loads: a bad axis writes nothing. The models load once (runner.Runner); a
-LoRA weight changes by exact undo of the last merge. Each cell is a normal PNG with its own recipe; each sheet (one
+the image `gen` makes), before anything loads: a bad axis writes nothing. The models load once (runner.Runner), or a
+running `rdbt serve` with the same models makes the cells (client.runner, as for gen); a LoRA weight changes by exact
+undo of the last merge. Prompt variants and wildcards, in the prompt and the negative, are drawn from each cell's seed. Each cell is a normal PNG with its own recipe; each sheet (one
 per Z value) carries the first cell's recipe plus `grid`, the whole grid as written, which `rdbt grid --from SHEET`
 runs again. Planning imports no torch.
 """
@@ -166,6 +167,8 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
         raise ConfigError(f"two axes vary {dup}; give each setting one axis")
     if prompt is None and isinstance(recorded.get("prompt"), str):
         prompt = recorded["prompt"]  # the template: each cell draws its own variants, as the first run did
+    if flags.negative is None and isinstance(recorded.get("negative"), str):
+        flags = replace(flags, negative=recorded["negative"])  # so is the negative's template
     if isinstance(flags.seed, list):
         raise ConfigError("a grid takes one --seed (or none); vary seeds with an axis, e.g. --z seed=1,2,3")
     if (flags.count or 1) > 1:
@@ -181,7 +184,7 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
                                 recipe=recipe)
     base = base_jobs[0]
     template = base.extra.get("prompt_template") or base.settings.prompt
-    negative = base.settings.negative
+    negative = base.extra.get("negative_template") or base.settings.negative
     if prompt is None and recipe is not None:
         prompt = template
     for k, axis in axes.items():
@@ -207,6 +210,8 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
                 out_load, out_paths = out_load or cell_load, out_paths or cell_paths
                 cells.append(Cell(at, job))
     record = {k: axes[k].text for k in axes} | {"prompt": template, "seed": base.seed}
+    if "negative_template" in base.extra:
+        record["negative"] = negative  # the cells' negatives are drawn from it; the sheet's recipe has the first's
     return GridPlan(axes, cells, out_load, out_paths, record, shape)
 
 
@@ -215,14 +220,21 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
 
 
 def run(gp: GridPlan, dest, *, allow_unmatched: bool = False, on_image: Optional[Callable] = None, callback=None,
-        on_warning=None, on_sheet: Optional[Callable] = None) -> Iterator:
+        on_warning=None, on_sheet: Optional[Callable] = None, name: Optional[Callable] = None, server=None,
+        runner=None, on_note: Callable[[str], None] = lambda m: None) -> Iterator:
     """Make every cell (yields (path, runner.Made) as each PNG is written), and after the last cell of each Z value
-    its sheet (given to `on_sheet(path)`). `dest` is the output folder."""
-    from rdbt_cli import metadata
-    from rdbt_cli.runner import Runner
+    its sheet (given to `on_sheet(path)`). `dest` is the output folder.
+
+    `name(job, default_stem, dit=...)` gives a cell's file stem (--name; by default grid-<time>-x1-y1); the sheets
+    keep grid-<time>-sheet. `server` is client.runner's: None uses a running `rdbt serve` that has these models
+    loaded, False never, a URL that server (which switches LoRA weights between cells itself); `runner`, one made
+    already (client.connect's), is used as it is."""
+    from rdbt_cli import client, metadata
 
     stem = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
-    runner = Runner(gp.load, gp.paths, allow_unmatched=allow_unmatched, on_warning=on_warning, callback=callback)
+    if runner is None:
+        runner = client.runner(server, gp.load, gp.paths, allow_unmatched=allow_unmatched, on_warning=on_warning,
+                               callback=callback, on_note=on_note)
     per_sheet = gp.shape[0] * gp.shape[1]
     made_z: list = []
     for n, cell in enumerate(gp.cells):
@@ -233,8 +245,10 @@ def run(gp: GridPlan, dest, *, allow_unmatched: bool = False, on_image: Optional
         made = runner.run(cell.job, callback)
         if callback:
             callback({"stage": "save"})
-        name = f"{stem}-x{xi + 1}-y{yi + 1}" + (f"-z{zi + 1}" if "z" in gp.axes else "")
-        path = metadata.save_png(made.image, dest, made.recipe, stem=name)
+        cell_stem = f"{stem}-x{xi + 1}-y{yi + 1}" + (f"-z{zi + 1}" if "z" in gp.axes else "")
+        if name is not None:
+            cell_stem = name(cell.job, cell_stem, dit=gp.paths.dit)
+        path = metadata.save_png(made.image, dest, made.recipe, stem=cell_stem)
         made_z.append((cell, path, made))
         yield path, made
         if len(made_z) == per_sheet:
@@ -244,8 +258,8 @@ def run(gp: GridPlan, dest, *, allow_unmatched: bool = False, on_image: Optional
             record = {**gp.record, "z_index": zi, "cells": rows}
             sheet = draw_sheet(gp, zi, [m.image for _, _, m in made_z])
             sheet_recipe = {k: v for k, v in first.items() if k != "grid_cell"} | {"grid": record}
-            name = f"{stem}-sheet" + (f"-z{zi + 1}" if "z" in gp.axes else "")
-            path = metadata.save_png(sheet, dest, sheet_recipe, stem=name)
+            path = metadata.save_png(sheet, dest, sheet_recipe,
+                                     stem=f"{stem}-sheet" + (f"-z{zi + 1}" if "z" in gp.axes else ""))
             if on_sheet:
                 on_sheet(path)
             made_z = []

@@ -12,7 +12,8 @@ import typer
 from rdbt_cli import settings
 from rdbt_cli.config import LoadParams
 from rdbt_cli.grid import AXIS_HELP, MAX_CELLS
-from rdbt_cli.options import OUT, AllowUnmatchedOpt, JsonOpt, NoStackOpt, PresetOpt, QuietOpt, flag, generating
+from rdbt_cli.options import (OUT, AllowUnmatchedOpt, JsonOpt, NoStackOpt, Output, PresetOpt, QuietOpt, flag,
+                              generating)
 
 GRID = "Grid"
 _AXIS = dict(rich_help_panel=GRID, metavar="AXIS")
@@ -31,6 +32,8 @@ def grid(
     allow_unmatched: AllowUnmatchedOpt = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Run the grid recorded in a sheet again (or use an image's recipe as the base); flags and axes given override.", rich_help_panel=GRID, metavar="PNG")] = None,
     load: LoadParams = None,
+    server=None,
+    output: Output = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default ./outputs/).", rich_help_panel=OUT, metavar="DIR")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -40,16 +43,27 @@ def grid(
 
     Example: rdbt grid "1girl, night sky" --x steps=12,20,28 --y cfg=1,3,4.5 --z lora:turbo=0,0.5
     """
-    from rdbt_cli import grid as grid_mod, metadata
+    from rdbt_cli import client, grid as grid_mod, metadata
     from rdbt_cli.console import Progress
+
+    def note(message: str) -> None:
+        typer.echo(f"note: {message}", err=True)
+
+    shown = {"warn": lambda message: typer.echo(f"warning: {message}", err=True)}
 
     recipe = metadata.read_recipe(from_image) if from_image is not None else None
     dest = metadata.check_destination(str(Path(out or "outputs")) + "/")
     gp = grid_mod.plan(prompt, load, flags, x=x, y=y, z=z, preset=preset, no_stack=no_stack, recipe=recipe, yes=yes)
     sheets = []
-    with Progress(len(gp.cells), quiet) as bar:
+    # The server first, so that a --server that does not answer is one line before any progress bar; its warnings
+    # go above the bar once there is one.
+    remote = client.connect(server, gp.load, gp.paths, allow_unmatched=allow_unmatched,
+                            on_warning=lambda m: shown["warn"](m), on_note=note)
+    with Progress(len(gp.cells), quiet, output.preview(quiet, as_json)) as bar:
+        shown["warn"] = bar.warn
         for path, made in grid_mod.run(gp, dest, allow_unmatched=allow_unmatched, on_image=bar.start_image,
-                                       callback=bar.event, on_warning=bar.warn, on_sheet=sheets.append):
+                                       callback=bar.event, on_warning=bar.warn, on_sheet=sheets.append,
+                                       name=output.stem, server=False, runner=remote):
             bar.done(path, made.recipe, made.timings, as_json)
     for path in sheets:
         typer.echo(json.dumps({"sheet": str(path)}) if as_json else f"sheet: {path}")

@@ -228,16 +228,22 @@ class Planner:
         return [self._lora_notes[path] for path, _ in files if self._lora_notes[path]]
 
     def job(self, gen: GenParams, seed: int, index: int, paths: ModelPaths, preset=None, model=None,
-            prompt: Optional[str] = None, **extra) -> Job:
+            prompt: Optional[str] = None, negative: Optional[str] = None, **extra) -> Job:
         """One image. Its prompt is `prompt` as given, else the one gen.prompt's variants and wildcards make for this
-        seed; the recipe then records the template too."""
+        seed; the negative likewise (`negative`, else drawn from gen.negative with the same seed, on a stream of its
+        own). The recipe then records each template too."""
         files = self.lora_files(gen.loras or [], paths)
         seed %= 2**64
         if prompt is None and wildcards.has_syntax(gen.prompt):
             prompt = self.wildcards().pick(gen.prompt, seed)
         if prompt is not None and prompt != gen.prompt:
             extra = {"prompt_template": gen.prompt, **extra}
+        if negative is None and wildcards.has_syntax(gen.negative):
+            negative = self.wildcards().pick(gen.negative, wildcards.negative_seed(seed), "negative prompt")
+        if negative is not None and negative != gen.negative:
+            extra = {"negative_template": gen.negative, **extra}
         resolved = replace(gen, seed=seed, prompt=gen.prompt if prompt is None else prompt,
+                           negative=gen.negative if negative is None else negative,
                            loras=[LoraSpec(str(p), w) for p, w in files])
         notes = [*(self.inputs(gen).notes if gen.init_image else []), *settings.advice(gen),
                  *self.lora_notes(files)]
@@ -249,12 +255,17 @@ def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = N
     """What `rdbt gen` makes: `count` jobs with consecutive seeds (from each seed of a seed list), and what to load
     (settings and files).
 
-    Settings come as `flags` or as keywords by setting name (`steps=20, loras=["turbo:0.3"]`), checked as flags are.
+    Settings come as `flags` or as keywords by setting name (`steps=20, loras=["turbo:0.3"], size="832x1216"`),
+    checked as flags are; a keyword that is no setting is a TypeError naming the nearest one.
 
     `recipe` (read back from a PNG) comes under the preset and the flags; its complete LoRA stack replaces the
     persistent one, and its model files are used unless `load` names others.
     """
-    flags = replace(anchor_files(settings.layer(flags, settings.from_flags(values)), Path.cwd()), prompt=prompt)
+    size = values.pop("size", None)  # "WxH", as --size
+    for key in values:
+        if key not in settings.BY_NAME:
+            raise TypeError(f"plan() got {key}={values[key]!r}, which is no setting{settings.did_you_mean(key)}")
+    flags = replace(anchor_files(settings.layer(flags, settings.from_flags(values, size)), Path.cwd()), prompt=prompt)
     settings.check_all(flags, lambda s: s.flags[-1] if s.flags else s.name)  # text and values before any file is read
     base = None
     if recipe is not None:
@@ -286,7 +297,12 @@ def plan(prompt: Optional[str], load: LoadParams, flags: Optional[GenParams] = N
                else [None])
     template = recipe.get("prompt_template") if literal else None
     extra = {"prompt_template": template} if isinstance(template, str) else {}
-    jobs = [planner.job(gen, settings.seed_at(seed, gen.count, i), i, paths, preset_obj, model, prompt=p, **extra)
+    # The same for the negative, unless a flag or preset gave another.
+    negative = gen.negative if recipe is not None and base is not None and gen.negative == base.negative else None
+    template = recipe.get("negative_template") if negative is not None else None
+    extra |= {"negative_template": template} if isinstance(template, str) else {}
+    jobs = [planner.job(gen, settings.seed_at(seed, gen.count, i), i, paths, preset_obj, model, prompt=p,
+                        negative=negative, **extra)
             for p in prompts for i in range(settings.images_of(seed, gen.count))]
     return jobs, planner.load, paths
 

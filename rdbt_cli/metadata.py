@@ -20,6 +20,8 @@ The recipe is a plain dict, the single record of how an image was made (schema "
     preset        str | None
     device, dtype str
     index         int, the image's index within --count
+    prompt_template, negative_template     str, the prompt as written when its variants or wildcards were drawn
+                                           (A1111: the Dynamic Prompts fields `Template`, `Negative Template`)
     ...           any extra keys are kept as they are
 
 A PNG written by `save_png` carries four text chunks (spec formats.md §4):
@@ -274,6 +276,10 @@ def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
     fields += [row(s) for s in SETTINGS if s.a1111 and s.a1111_extension]
     hashes = [(_tag_name(l["name"]), _lora_hash(l)) for l in loras]
     fields.append(("Lora hashes", ", ".join(f"{n}: {h}" for n, h in hashes if h) or None))
+    # The Dynamic Prompts extension's fields: the prompts as written, when variants or wildcards made others.
+    for label, (key, drawn) in _TEMPLATES.items():
+        template = recipe.get(key)
+        fields.append((label, template if isinstance(template, str) and template != recipe.get(drawn) else None))
     fields.append(("Version", f"rdbt {recipe.get('rdbt_version') or __version__}"))
     # Forge lists separately loaded modules after Version.
     te = recipe.get("text_encoder") or {}
@@ -292,6 +298,8 @@ def to_parameters_text(recipe: dict, *, lora_tags: bool = True) -> str:
     return "\n".join(lines).strip()
 
 
+# A1111 label: (recipe key, the recipe key of what it was drawn into).
+_TEMPLATES = {"Template": ("prompt_template", "prompt"), "Negative Template": ("negative_template", "negative")}
 _KEY = re.compile(r"\s*(\w[\w \-/]*?)\s*:\s*")
 
 
@@ -434,6 +442,8 @@ def parse_parameters_text(text: str) -> dict:
                     )
                     key_ = "hash" if len(h) == 10 else "a1111_hash"
                     entry[key_] = entry[key_] or h
+        elif key in _TEMPLATES:
+            recipe[_TEMPLATES[key][0]] = value
         elif key == "Version":
             recipe["generator"] = value
         elif key == "Module 1":

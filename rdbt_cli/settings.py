@@ -503,6 +503,15 @@ GenParams = make_dataclass(
 DEFAULTS = GenParams(**{s.name: s.default for s in SETTINGS})
 
 
+def did_you_mean(name: str) -> str:
+    """"; did you mean 'steps'?" for a name that is no setting (the list of settings when none is close)."""
+    import difflib
+
+    known = [*BY_NAME, "size"]
+    close = difflib.get_close_matches(name.lstrip("-").replace("-", "_").lower(), known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f" (the settings: {', '.join(known)})"
+
+
 def value_problem(name: str, value: object) -> Optional[str]:
     """What is wrong with `value` (already of its Python type) for the setting `name`."""
     return BY_NAME[name].problem(value)

@@ -6,7 +6,8 @@
     __colors__ hair          one line of colors.txt in a wildcards folder (sub/name for sub/name.txt)
 
 Random mode seeds the choice from the image's seed, so the same seed gives the same prompt (and `--count 4` gives four
-draws); combinatorial mode lists every prompt the template can make. Only prompts with `{`, `}` or `__` are parsed, and
+draws); combinatorial mode lists every prompt the template can make. The negative prompt's variants are drawn too, in
+both modes from the image's seed (through `negative_seed`, so its draws are not in step with the positive's). Only prompts with `{`, `}` or `__` are parsed, and
 `#`, `%` and a lone `$` (comments, wraps and variables to dynamicprompts) stay text, so ComfyUI weights `(word:1.2)`,
 `<lora:...>` tags and plain prompts pass through untouched.
 
@@ -59,6 +60,14 @@ def _unprotect(text: str) -> str:
     for char, mark in _PROTECT.items():
         text = text.replace(mark, char)
     return text
+
+
+def negative_seed(seed: int) -> int:
+    """The seed the negative prompt's variants are drawn with: fixed by the image seed, but not the positive's own
+    (the same seed would tie the nth option of both, e.g. always {red|blue} with {blurry|noisy}'s first)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"negative {seed}".encode()).digest()[:8], "little")
 
 
 class Wildcards:

@@ -151,3 +151,60 @@ def test_the_sheet_recipe_runs_the_same_grid_again(made):
                    recipe=json.loads(Image.open(sheet).info["rdbt"]))  # another Y axis, the recorded X, a new flag
     assert gp.record["x"] == record["x"] and gp.record["y"] == "cfg=1,2"
     assert {c.job.settings.steps for c in gp.cells} == {4} and [c.job.settings.cfg for c in gp.cells] == [1, 1, 2, 2]
+
+
+def test_the_negative_template_is_replaced_and_drawn_per_cell(shared_tiny):
+    from rdbt_cli import wildcards
+
+    gp = grid.plan("red hair", LoadParams(model="tiny"), GenParams(negative="{blurry|noisy|dark} red eyes", cfg=2),
+                   x="prompt=red,blue", y="seed=3,4")
+    w = wildcards.Wildcards([])
+    for cell in gp.cells:
+        template = "{blurry|noisy|dark} " + ("red" if cell.at[0] == 0 else "blue") + " eyes"
+        assert cell.job.extra["negative_template"] == template
+        assert cell.job.settings.negative == w.pick(template, wildcards.negative_seed(cell.job.seed))
+    assert gp.record["negative"] == "{blurry|noisy|dark} red eyes"  # what `grid --from SHEET` draws from again
+    again = grid.plan(None, LoadParams(model="tiny"), GenParams(), recipe={
+        **gp.cells[0].job.settings.__dict__, "loras": [], "model": None, "grid": gp.record})
+    assert [c.job.settings.negative for c in again.cells] == [c.job.settings.negative for c in gp.cells]
+
+
+SMALL = ["--model", "tiny", "--size", "32x32", "--steps", "1", "--seed", "5", "--json"]
+
+
+def test_grid_names_cells_writes_the_preview_file_and_uses_a_server(tmp_path, shared_tiny, monkeypatch):
+    from rdbt_cli import client
+    from rdbt_cli.runner import Runner
+
+    r = run("grid", "a fox", "--x", "steps=1,2", "--server", "http://127.0.0.1:9", "--out", tmp_path / "bad", *SMALL)
+    assert r.exit_code == 2 and "no rdbt server answers" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+    asked = []
+
+    class Served(Runner):  # a server that answers, with the models the grid asks for
+        made = 0
+
+        def run(self, job, callback=None):
+            Served.made += 1
+            return super().run(job, callback)
+
+    def connect(server, load, paths, **kw):
+        asked.append(server)
+        return None if server is False else Served(load, paths)
+
+    monkeypatch.setattr(client, "connect", connect)
+    preview = tmp_path / "live.png"
+    args = ["grid", "a fox", "--x", "steps=1,2", "--name", "{steps}-{seed}-{prompt}", "--preview-file", preview,
+            "--out", tmp_path / "out", *SMALL]
+    remote = run(*args, "--server", "http://127.0.0.1:7860")
+    assert remote.exit_code == 0 and asked == ["http://127.0.0.1:7860"] and Served.made == 2, remote.output
+    local = run(*args, "--no-server")
+    assert local.exit_code == 0 and set(asked[1:]) == {False} and Served.made == 2, local.output
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png") if "sheet" not in p.name)
+    assert names == ["1-5-a fox-0001.png", "1-5-a fox.png", "2-5-a fox-0001.png", "2-5-a fox.png"]  # never overwritten
+    assert np.array_equal(pixels(tmp_path / "out" / "2-5-a fox.png"), pixels(tmp_path / "out" / "2-5-a fox-0001.png"))
+    sheets = [json.loads(line)["sheet"] for line in local.stdout.splitlines() if '"sheet"' in line]
+    cells = json.loads(Image.open(sheets[0]).info["rdbt"])["grid"]["cells"]
+    assert cells == [["1-5-a fox-0001.png", "2-5-a fox-0001.png"]]  # the sheet names the cells as written
+    assert Image.open(preview).size == (4, 4)  # the last step's latent, 1/8 of the image

@@ -101,17 +101,24 @@ def test_folders_are_the_models_folders_then_rdbt_home_and_the_first_wins(tmp_pa
 
 def test_gen_records_template_and_drawn_prompt_and_from_remakes_it(tmp_path, folder, monkeypatch):
     monkeypatch.setenv("RDBT_HOME", str(folder.parent))
-    r = run("gen", "__color__ hair, {smile|frown}", "--seed", 5, "--count", 2, "--out", tmp_path / "a", *TINY)
+    negative = "{blurry|noisy|dark}, __color__ tint"
+    r = run("gen", "__color__ hair, {smile|frown}", "--negative", negative, "--seed", 5, "--count", 2,
+            "--out", tmp_path / "a", *TINY)
     assert r.exit_code == 0, r.output
     first, second = sorted((tmp_path / "a").glob("*.png"))
     rec = json.loads(Image.open(first).info["rdbt"])
     w = wildcards.Wildcards([folder])
     assert rec["prompt"] == w.pick("__color__ hair, {smile|frown}", 5)
     assert rec["prompt_template"] == "__color__ hair, {smile|frown}"
+    assert rec["negative"] == w.pick(negative, wildcards.negative_seed(5)) and rec["negative_template"] == negative
     assert json.loads(Image.open(second).info["rdbt"])["prompt"] == w.pick("__color__ hair, {smile|frown}", 6)
     info = Image.open(first).info
     assert info["parameters"].startswith(rec["prompt"] + "\n")  # A1111 and ComfyUI carry the drawn prompt
-    assert rec["prompt"] in info["prompt"] and "__color__" not in info["prompt"] + info["parameters"]
+    assert rec["prompt"] in info["prompt"] and "__color__" not in info["prompt"]
+    # ... and the A1111 text the templates too, in the fields A1111's Dynamic Prompts extension writes
+    assert 'Template: "__color__ hair, {smile|frown}"' in info["parameters"].splitlines()[-1]
+    assert f'Negative Template: "{negative}"' in info["parameters"].splitlines()[-1]
+    assert info["parameters"].splitlines()[1] == "Negative prompt: " + rec["negative"]
     shown = run("inspect", first).output
     assert "__color__ hair, {smile|frown}" in shown and rec["prompt"] in shown
     # --from takes the drawn prompt as recorded, even after the wildcard file changed
@@ -120,7 +127,9 @@ def test_gen_records_template_and_drawn_prompt_and_from_remakes_it(tmp_path, fol
     assert r.exit_code == 0, r.output
     again = tmp_path / "again.png"
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
-    assert json.loads(Image.open(again).info["rdbt"])["prompt_template"] == rec["prompt_template"]
+    again = json.loads(Image.open(again).info["rdbt"])
+    assert {k: again[k] for k in ("prompt", "prompt_template", "negative", "negative_template")} == {
+        k: rec[k] for k in ("prompt", "prompt_template", "negative", "negative_template")}
 
 
 def test_gen_combinatorial_makes_every_prompt_and_errors_come_before_loading(tmp_path, folder, monkeypatch):
@@ -136,17 +145,20 @@ def test_gen_combinatorial_makes_every_prompt_and_errors_come_before_loading(tmp
         raise AssertionError("models loaded for a bad template")
 
     monkeypatch.setattr(rdbt_cli.runner, "Runner", no_loading)
-    for template, needle in (("__missing__ hair", "__missing__"), ("{a||b}", "empty option")):
-        r = run("gen", template, "--out", tmp_path / "bad", *TINY)
+    for args, needle in ((["__missing__ hair"], "__missing__"), (["{a||b}"], "empty option"),
+                         (["x", "--negative", "__missing__"], "negative prompt: wildcard __missing__"),
+                         (["x", "--negative", "{a||b}"], "negative prompt: the variant {a||b} has an empty option")):
+        r = run("gen", *args, "--out", tmp_path / "bad", *TINY)
         assert r.exit_code != 0 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "bad").exists()
 
 
 def test_a_batch_line_with_a_bad_template_fails_alone(tmp_path, folder, monkeypatch):
     monkeypatch.setenv("RDBT_HOME", str(folder.parent))
-    text = "__color__ eyes\n__nope__ eyes\n{a||b}\nplain\n"
+    text = "__color__ eyes\n__nope__ eyes\n{a||b}\nplain\nx --negative __nope__\n"
     bp = batch.plan(text, LoadParams(model="tiny"), GenParams(), out_dir=tmp_path)
     assert sorted(bp.lines) == [1, 4]
+    assert "line 5: negative prompt: wildcard __nope__" in bp.failures[5]
     assert "line 2" in bp.failures[2] and "__nope__" in bp.failures[2]
     assert "line 3" in bp.failures[3] and "empty option" in bp.failures[3]
     job = bp.planner.job(bp.lines[1][0], 3, 0, bp.planner.paths("tiny"))
@@ -161,3 +173,42 @@ def test_batch_combinatorial_makes_each_prompt_with_each_seed_of_its_line(tmp_pa
     made = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [(m["prompt"], m["seed"]) for m in made] == [("a girl", 3), ("a girl", 4), ("b girl", 3), ("b girl", 4),
                                                         ("plain", 9)]
+
+
+def test_the_negative_is_drawn_from_the_image_seed_on_a_stream_of_its_own(folder, monkeypatch):
+    from rdbt_cli import jobs
+
+    monkeypatch.setenv("RDBT_HOME", str(folder.parent))
+    template = "{a|b|c|d|e|f}"
+    planned = [jobs.plan(template, LoadParams(model="tiny"), negative=f"{template}, __color__", seed=10, count=12,
+                         cfg=2)[0] for _ in range(2)]
+    negatives = [j.settings.negative for j in planned[0]]
+    assert negatives == [j.settings.negative for j in planned[1]]  # the same seeds, the same negatives
+    w = wildcards.Wildcards([folder])
+    assert negatives == [w.pick(f"{template}, __color__", wildcards.negative_seed(10 + i)) for i in range(12)]
+    assert len(set(negatives)) >= 5 and all(j.extra["negative_template"] == f"{template}, __color__"
+                                            for j in planned[0])
+    # Not the positive's draws: with one seed for both, {a|...} would pick the same letter in each
+    assert [j.settings.negative.split(",")[0] for j in planned[0]] != [j.settings.prompt for j in planned[0]]
+    plain = jobs.plan("x", LoadParams(model="tiny"), negative="blurry", seed=1)[0][0]
+    assert plain.settings.negative == "blurry" and "negative_template" not in plain.extra
+
+
+def test_the_templates_round_trip_through_the_a1111_text(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from rdbt_cli import metadata
+
+    recipe = {"prompt": "red hair, smile", "prompt_template": "{red|blue} hair, {2::smile|frown}",
+              "negative": "blurry", "negative_template": "{blurry|noisy}", "steps": 4, "seed": 7, "loras": []}
+    text = metadata.to_parameters_text(recipe)
+    back = metadata.parse_parameters_text(text)
+    assert {k: back[k] for k in recipe if k != "loras"} == {k: v for k, v in recipe.items() if k != "loras"}
+    info = PngInfo()
+    info.add_text("parameters", text)  # as A1111 with Dynamic Prompts writes it: no rdbt chunk
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    read = metadata.read_png(tmp_path / "a1111.png")["recipe"]
+    assert read["prompt_template"] == recipe["prompt_template"] and read["negative_template"] == "{blurry|noisy}"
+    # a template that made nothing else (no variants, or a recipe from before templates) writes no field
+    same = metadata.to_parameters_text({**recipe, "prompt_template": "red hair, smile", "negative_template": None})
+    assert "Template" not in same and "prompt_template" not in metadata.parse_parameters_text(same)
