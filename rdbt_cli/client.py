@@ -83,9 +83,13 @@ def _alive(pid) -> bool:
 
 
 def find_running() -> Optional[Found]:
-    """The server announced in RDBT_HOME, or None (no file, a torn file, or its process is gone)."""
+    """The server announced in RDBT_HOME, or None (no file, a torn file, its process is gone, or the file is another
+    user's: whoever can write it decides where the prompts go)."""
     try:
-        data = json.loads(server_file().read_text(encoding="utf-8"))
+        with open(server_file(), encoding="utf-8") as f:
+            if hasattr(os, "getuid") and os.fstat(f.fileno()).st_uid != os.getuid():
+                return None
+            data = json.loads(f.read())
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("url"), str) or not _alive(data.get("pid")):
@@ -106,7 +110,13 @@ def _request(url: str, key: Optional[str], path: str, body: Optional[dict] = Non
     return urllib.request.urlopen(req, timeout=timeout)
 
 
-def _problem(err: urllib.error.HTTPError) -> str:
+KEY_ENV = "RDBT_API_KEY"
+
+
+def _problem(err: urllib.error.HTTPError, key: Optional[str] = None) -> str:
+    if err.code == 401:  # the one answer the user fixes here, not in the request
+        return (f"the server refused the API key in ${KEY_ENV}; set it to the key its rdbt serve was given" if key
+                else f"the server needs an API key; set ${KEY_ENV} to the key its rdbt serve was given")
     try:
         return json.loads(err.read()).get("detail") or str(err)
     except (ValueError, OSError, AttributeError):
@@ -158,13 +168,16 @@ def connect(server, load: LoadParams, paths, *, allow_unmatched: bool = False, o
             on_note: Callable[[str], None] = lambda m: None):
     """A RemoteRunner for a server that makes what `load` and `paths` would, else None (run in-process).
 
-    `server`: None finds one through RDBT_HOME; False (--no-server) never uses one; a URL (--server) must work."""
+    `server`: None finds one through RDBT_HOME; False (--no-server) never uses one; a URL (--server) must work.
+
+    The API key: the announced server's own (its file is readable by its user only); for any other --server URL,
+    $RDBT_API_KEY. There is no option for it: every user of the machine can read a command's arguments."""
     if server is False:
         return None
     if server:
         found = find_running()
         key = found.api_key if found and found.url.rstrip("/") == server.rstrip("/") else None
-        found = Found(server, None, key or os.environ.get("RDBT_API_KEY"))
+        found = Found(server, None, key or os.environ.get(KEY_ENV) or None)
     else:
         found = find_running()
         if found is None:
@@ -173,7 +186,8 @@ def connect(server, load: LoadParams, paths, *, allow_unmatched: bool = False, o
         info = status(found)
     except urllib.error.HTTPError as err:
         if server:
-            raise ConfigError(f"--server {server}: {_problem(err)}") from None
+            raise ConfigError(f"--server {server}: {_problem(err, found.api_key)}") from None
+        on_note(f"the running server is not used ({_problem(err, found.api_key)}); making the image here")
         return None
     except (OSError, ValueError) as err:
         if server:
@@ -240,7 +254,7 @@ class RemoteRunner:
             resp = _request(self.url, self.found.api_key, "/rdbt/v1/generate", self.body(job), timeout=120,
                             stream=True)
         except urllib.error.HTTPError as err:
-            raise ConfigError(f"server {self.url}: {_problem(err)}") from None
+            raise ConfigError(f"server {self.url}: {_problem(err, self.found.api_key)}") from None
         except OSError as err:
             raise RdbtError(f"server {self.url} stopped answering ({getattr(err, 'reason', err)}); run again, or "
                             "with --no-server") from None

@@ -201,7 +201,8 @@ def serving(command):
     the same models), False (never) or the URL (must be usable). Put it under `generating`."""
     own = [p for p in pyinspect.signature(command, eval_str=True).parameters.values() if p.name != "server"]
     url = typer.Option(help="Use the rdbt serve at this URL (default: the one running for this RDBT_HOME, when it "
-                       "has the same models loaded).", rich_help_panel=SERVER, metavar="URL")
+                       "has the same models loaded); its API key, if it has one: $RDBT_API_KEY.",
+                       rich_help_panel=SERVER, metavar="URL")
     added = [pyinspect.Parameter("server", pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                  annotation=Annotated[Optional[str], url]),
              _option_param("no_server", bool, False, "Load the models here even if a server runs.", SERVER)]

@@ -20,7 +20,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; other than 127.0.0.1 needs --api-key or --insecure.", rich_help_panel=SERVE)] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (7860, as A1111; 0 picks a free one).", rich_help_panel=SERVE)] = 7860,
     preset: Annotated[Optional[str], typer.Option(help="Preset under every request (its model is loaded).", rich_help_panel=settings.GEN_PANEL, metavar="NAME|PATH", autocompletion=completion.presets)] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="RDBT_API_KEY", help="Key every request must carry (Authorization: Bearer KEY, or HTTP Basic with KEY as password).", rich_help_panel=SERVE)] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="RDBT_API_KEY", help="Key every request must carry (Authorization: Bearer KEY, or HTTP Basic with KEY as password); better set as $RDBT_API_KEY, since other users can read a command's arguments. gen and batch read it from RDBT_HOME/server.json (yours only).", rich_help_panel=SERVE)] = None,
     insecure: Annotated[bool, flag("--insecure", help="Listen on another address without an API key.", rich_help_panel=SERVE)] = False,
     queue: Annotated[int, typer.Option(min=1, max=1000, help="Requests that may wait; more are answered 503.", rich_help_panel=SERVE)] = 16,
     status: Annotated[bool, flag("--status", help="Show the server running for this RDBT_HOME and exit.", rich_help_panel=SERVE)] = False,

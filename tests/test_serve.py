@@ -311,6 +311,52 @@ def test_api_key_on_every_route_and_other_hosts_need_one(tmp_path):
     assert result.exit_code == 2 and "--api-key" in result.output and "Traceback" not in result.output
 
 
+def test_a_client_of_a_server_with_an_api_key(tmp_path, monkeypatch):
+    """The key from $RDBT_API_KEY for a --server URL, or from the server's own announcement (readable by its user
+    only); a missing or wrong key is one line that says where the key goes."""
+    import uvicorn
+
+    from rdbt_cli import server
+    from rdbt_cli.config import LoadParams
+
+    service = server.Service(LoadParams(model="tiny", device="cpu"), log=lambda m: None)
+    service.start()
+    sock = server.bind("127.0.0.1", 0)
+    http = uvicorn.Server(uvicorn.Config(server.make_app(service, api_key="s3cret"), log_level="warning"))
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not http.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        monkeypatch.setenv("RDBT_HOME", str(tmp_path / "home"))  # nothing announced there
+        monkeypatch.delenv("RDBT_API_KEY", raising=False)
+        args = ["gen", "a key", "--model", "tiny", "--steps", "2", "--size", "64x64", "--seed", "5", "--json", "-o",
+                str(tmp_path / "out")]
+        result = CliRunner().invoke(app, [*args, "--server", url])
+        assert result.exit_code == 2 and "needs an API key; set $RDBT_API_KEY" in result.output
+        monkeypatch.setenv("RDBT_API_KEY", "wrong")
+        result = CliRunner().invoke(app, [*args, "--server", url])
+        assert result.exit_code == 2 and "refused the API key in $RDBT_API_KEY" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        monkeypatch.setenv("RDBT_API_KEY", "s3cret")
+        result = CliRunner().invoke(app, [*args, "--server", url])
+        assert result.exit_code == 0, result.output
+        assert service.made == 1 and Path(json.loads(result.stdout)["path"]).exists()
+
+        monkeypatch.delenv("RDBT_API_KEY")
+        announced = client.write_server_file(url, os.getpid(), "s3cret")  # as rdbt serve --api-key does
+        assert announced.stat().st_mode & 0o077 == 0
+        result = CliRunner().invoke(app, args)  # found through RDBT_HOME, with its key
+        assert result.exit_code == 0 and service.made == 2, result.output
+    finally:
+        http.should_exit = True
+        thread.join(30)
+        service.stop()
+        sock.close()
+
+
 def test_serve_without_its_extra_says_how_to_install_it(monkeypatch):
     import rdbt_cli
 
