@@ -169,8 +169,13 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
         prompt = recorded["prompt"]  # the template: each cell draws its own variants, as the first run did
     if flags.negative is None and isinstance(recorded.get("negative"), str):
         flags = replace(flags, negative=recorded["negative"])  # so is the negative's template
+    if isinstance(flags.seed, list) and len(flags.seed) == 1:
+        flags = replace(flags, seed=flags.seed[0])  # --seeds-from one keeper: that image's seed for every cell
     if isinstance(flags.seed, list):
-        raise ConfigError("a grid takes one --seed (or none); vary seeds with an axis, e.g. --z seed=1,2,3")
+        free = next((k for k in ("z", "y", "x") if k not in axes), "z")
+        seeds = ",".join(map(str, flags.seed[:12])) + (",..." if len(flags.seed) > 12 else "")
+        raise ConfigError(f"a grid takes one seed; for a list of seeds (--seed 1,2 or --seeds-from) use an axis: "
+                          f"--{free} seed={seeds}")
     if (flags.count or 1) > 1:
         raise ConfigError("a grid makes one image per cell; for more seeds use an axis, e.g. --z seed=1,2,3")
     if flags.combinatorial:

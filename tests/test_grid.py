@@ -56,6 +56,7 @@ def test_bad_grids_are_one_line_before_anything_loads_and_write_nothing(tmp_path
     for args, needle in [(["--x", "foo=1,2"], "not a setting"), (["--x", "steps=2,3", "--y", "steps=4"], "two axes"),
                          (["--x", "prompt=green,blue"], "'green' is not in the prompt"), ([], "at least one axis"),
                          (["--x", "steps=2,3", "--count", "2"], "one image per cell"),
+                         (["--x", "steps=2,3", "--seed", "4,9-10"], "use an axis: --z seed=4,9,10"),
                          (["--x", "steps=2,3", "--y", "nag-scale=0,5"], "needs a negative prompt"),
                          (["--x", "seed=" + ",".join(map(str, range(11))), "--y", "steps=" + ",".join(
                              map(str, range(1, 11)))], "110 images, more than 100; add --yes")]:
@@ -66,6 +67,8 @@ def test_bad_grids_are_one_line_before_anything_loads_and_write_nothing(tmp_path
     big = grid.plan("x", LoadParams(model="tiny"), GenParams(), x="seed=" + ",".join(map(str, range(11))),
                     y="steps=" + ",".join(map(str, range(1, 11))), yes=True)
     assert len(big.cells) == 110 and big.shape == (11, 10, 1)
+    one = grid.plan("x", LoadParams(model="tiny"), GenParams(seed=[7]), x="steps=1,2")  # --seeds-from one keeper
+    assert [c.job.seed for c in one.cells] == [7, 7]
 
 
 def test_prompt_search_and_replace_keeps_the_template_and_each_cell_draws_its_own_variants(tmp_path, shared_tiny):
