@@ -432,7 +432,7 @@ def _already_saved(path: Path, job_key: str) -> bool:
 
 
 def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmatched: bool = False,
-        on_image=None, callback=None, on_warning=None, name=None, server=None):
+        on_image=None, callback=None, on_warning=None, name=None, server=None, previews: bool = False):
     """Make this rank's jobs; yields (path, runner.Made) after each image and its manifest line are written.
 
     `name(job, default_stem, dit=..., line=...)` gives an image's file stem (--name); by default L<line>-<index>-<seed>.
@@ -451,7 +451,7 @@ def run(bp: BatchPlan, out_dir: str | os.PathLike, rank: int = 0, *, allow_unmat
     paths = planner.paths(model)
     loaded = planner.identity(model)
     load = replace(planner.load, model=model)
-    runner = client.runner(server, load, paths, allow_unmatched=allow_unmatched, callback=callback,
+    runner = client.runner(server, load, paths, allow_unmatched=allow_unmatched, callback=callback, previews=previews,
                            on_warning=lambda w: on_warning and on_warning(f"line {current.lineno}: {w}"))
     with Manifest(out_dir, bp.manifest, rank) as manifest:
         for current in bp.jobs:

@@ -153,8 +153,9 @@ def gen(
         _note(unused)
 
     with Progress(len(todo), quiet, output.preview(quiet, as_json)) as bar:
+        # loading here imports torch, under "starting"
         runner = client.runner(server, load, paths, allow_unmatched=allow_unmatched, on_warning=bar.warn,
-                               callback=bar.event, on_note=_note)  # loading here imports torch, under "starting"
+                               callback=bar.event, on_note=_note, previews=bar.preview is not None)
         for job in todo:
             bar.start_image(f"seed {job.seed}", job.steps)
             made = runner.run(job, bar.event)
@@ -212,7 +213,8 @@ def batch(
     server = server if world == 1 else False  # under torchrun each rank loads the models onto its own GPU
     with Progress(len(bp.jobs), quiet, output.preview(quiet, as_json)) as bar:
         for path, image in batch_mod.run(bp, out_dir, rank, allow_unmatched=allow_unmatched, name=output.stem,
-                                         on_image=bar.start_image, callback=bar.event, on_warning=bar.warn, server=server):
+                                         on_image=bar.start_image, callback=bar.event, on_warning=bar.warn, server=server,
+                                         previews=bar.preview is not None):
             made += 1
             bar.done(path, image.recipe, image.timings, as_json)
     total, failures, wall = batch_mod.gather(rank, world, made, bp.failures, time.perf_counter() - t_start)

@@ -153,10 +153,12 @@ def _mismatch(info: dict, load: LoadParams, paths) -> Optional[str]:
 
 
 def runner(server, load: LoadParams, paths, *, allow_unmatched: bool = False, on_warning=None, callback=None,
-           on_note: Callable[[str], None] = lambda m: None):
+           on_note: Callable[[str], None] = lambda m: None, previews: bool = False):
     """What makes the images of gen and batch: a server's RemoteRunner when one fits (see connect), else a
-    runner.Runner with the models loaded here (which imports torch: seconds)."""
-    remote = connect(server, load, paths, allow_unmatched=allow_unmatched, on_warning=on_warning, on_note=on_note)
+    runner.Runner with the models loaded here (which imports torch: seconds). `previews`: the callback shows each
+    step's picture (a server sends it only when asked; in-process every step carries its latent)."""
+    remote = connect(server, load, paths, allow_unmatched=allow_unmatched, on_warning=on_warning, on_note=on_note,
+                     previews=previews)
     if remote is not None:
         return remote
     from rdbt_cli.runner import Runner
@@ -165,7 +167,7 @@ def runner(server, load: LoadParams, paths, *, allow_unmatched: bool = False, on
 
 
 def connect(server, load: LoadParams, paths, *, allow_unmatched: bool = False, on_warning=None,
-            on_note: Callable[[str], None] = lambda m: None):
+            on_note: Callable[[str], None] = lambda m: None, previews: bool = False):
     """A RemoteRunner for a server that makes what `load` and `paths` would, else None (run in-process).
 
     `server`: None finds one through RDBT_HOME; False (--no-server) never uses one; a URL (--server) must work.
@@ -200,7 +202,7 @@ def connect(server, load: LoadParams, paths, *, allow_unmatched: bool = False, o
             raise ConfigError(f"--server {server}: {why}, which would make another image; use --no-server")
         on_note(f"the running server is not used ({why}); making the image here")
         return None
-    return RemoteRunner(found, load, paths, on_warning or (lambda m: None), allow_unmatched)
+    return RemoteRunner(found, load, paths, on_warning or (lambda m: None), allow_unmatched, previews)
 
 
 @dataclass
@@ -216,10 +218,11 @@ class Made:
 class RemoteRunner:
     """runner.Runner's `run(job, callback)` over HTTP."""
 
-    def __init__(self, found: Found, load: LoadParams, paths, on_warning, allow_unmatched: bool = False):
+    def __init__(self, found: Found, load: LoadParams, paths, on_warning, allow_unmatched: bool = False,
+                 previews: bool = False):
         from rdbt_cli.jobs import Planner
 
-        self.found, self.on_warning, self.allow_unmatched = found, on_warning, allow_unmatched
+        self.found, self.on_warning, self.allow_unmatched, self.previews = found, on_warning, allow_unmatched, previews
         self.noted: set = set()
         self.lora_dirs = Planner(load).lora_dirs(paths.dit)
         self.url = found.url
@@ -251,8 +254,8 @@ class RemoteRunner:
                 self.noted.add(note)
                 self.on_warning(note)
         try:
-            resp = _request(self.url, self.found.api_key, "/rdbt/v1/generate", self.body(job), timeout=120,
-                            stream=True)
+            resp = _request(self.url, self.found.api_key, "/rdbt/v1/generate" + ("?preview=1" if self.previews else ""),
+                            self.body(job), timeout=120, stream=True)
         except urllib.error.HTTPError as err:
             raise ConfigError(f"server {self.url}: {_problem(err, self.found.api_key)}") from None
         except OSError as err:
@@ -264,7 +267,10 @@ class RemoteRunner:
                 if kind == "stage" and callback is not None:
                     callback(data)
                 elif kind == "step" and callback is not None:
-                    callback({"i": data["step"] - 1})
+                    step = {"i": data["step"] - 1}
+                    if data.get("preview"):  # the latent's picture, as the in-process preview draws it
+                        step["preview_png"] = base64.b64decode(data["preview"])
+                    callback(step)
                 elif kind == "image":
                     image = data
                 elif kind == "error":

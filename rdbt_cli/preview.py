@@ -147,11 +147,21 @@ class _Once:
         return self.inner.__rich_measure__(console, options)
 
 
-def _png(rgb, compress_level: int = 1) -> bytes:
+def _image(rgb):
+    """A PIL image of a picture: uint8 [h, w, 3] from latent_rgb, or a PIL image already (a server's preview, which
+    a client decodes without numpy)."""
     from PIL import Image
 
+    return rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+
+
+def _hw(rgb) -> tuple[int, int]:
+    return (rgb.height, rgb.width) if hasattr(rgb, "height") else rgb.shape[:2]
+
+
+def _png(rgb, compress_level: int = 1) -> bytes:
     out = io.BytesIO()
-    Image.fromarray(rgb).save(out, format="PNG", compress_level=compress_level)
+    _image(rgb).save(out, format="PNG", compress_level=compress_level)
     return out.getvalue()
 
 
@@ -167,15 +177,13 @@ def cells(height: int, width: int, rows: int = ROWS) -> tuple[int, int]:
 
 
 def renderable(rgb, protocol: str, rows: int = ROWS, on_cost=None):
-    """A Rich renderable that draws the uint8 [h, w, 3] picture with `protocol`; `on_cost` hears its drawing time."""
-    from PIL import Image
-
-    columns, rows = cells(rgb.shape[0], rgb.shape[1], rows)
+    """A Rich renderable that draws the picture (see _image) with `protocol`; `on_cost` hears its drawing time."""
+    columns, rows = cells(*_hw(rgb), rows)
     if protocol == "iterm":
         return _Once(ITermImage(_png(rgb), columns, rows), on_cost)
     lib = _renderables()
     cls = {"kitty": lib.TGPImage, "sixel": lib.SixelImage, "blocks": lib.HalfcellImage}[protocol]
-    return _Once(cls(Image.fromarray(rgb), width=columns, height=rows), on_cost)
+    return _Once(cls(_image(rgb), width=columns, height=rows), on_cost)
 
 
 def check_file(path) -> None:
@@ -248,11 +256,15 @@ class Preview:
         return self.cost <= self.budget * (time.perf_counter() - self._last)
 
     def step(self, info: dict) -> None:
-        latent = info.get("denoised")
-        if latent is None or not self.due():
+        """A sampler step: its `denoised` latent in-process, or `preview_png` (PNG bytes of the same picture) from a
+        server."""
+        latent, png = info.get("denoised"), info.get("preview_png")
+        if (latent is None and png is None) or not self.due():
             return
         t0 = time.perf_counter()
-        rgb = latent_rgb(latent)
+        rgb = latent_rgb(latent) if latent is not None else _decode(png)
+        if rgb is None:
+            return
         if self.file is not None:
             try:
                 write_png(rgb, self.file)
@@ -274,6 +286,17 @@ class Preview:
         _cleanup(self._shown)
         _cleanup(self.current)
         self.current = self._shown = None
+
+
+def _decode(png: bytes):
+    """The server's preview as an RGB image, or None: a picture that does not decode is skipped, not a failed image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            return image.convert("RGB")
+    except Exception:
+        return None
 
 
 def _cleanup(shown) -> None:

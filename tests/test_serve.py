@@ -371,12 +371,15 @@ def test_gen_through_the_server_is_torch_free_and_makes_the_same_image(at_home, 
     args = ["gen", "a red fox", "--model", "tiny", "--steps", "2", "--size", "64x64", "--seed", "21", "--lora",
             "style:0.7", "--models-dir", str(at_home.models), "--device", "cpu", "--json"]
     before = _status(at_home)["made"]
-    run = spawn.run([sys.executable, "-X", "importtime", "-m", "rdbt_cli", *args, "-o", tmp_path / "remote"],
+    run = spawn.run([sys.executable, "-X", "importtime", "-m", "rdbt_cli", *args, "-o", tmp_path / "remote",
+                     "--preview-file", tmp_path / "step.png"],
                     env={**os.environ, "RDBT_HOME": str(at_home.home)}, cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr
     assert _status(at_home)["made"] == before + 1  # made by the server
     imported = {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines() if "|" in line}
-    assert "torch" not in imported and "fastapi" not in imported
+    assert "torch" not in imported and "fastapi" not in imported and "numpy" not in imported
+    # The server's step pictures went to --preview-file: the latent's size, as in-process; no temp file left.
+    assert Image.open(tmp_path / "step.png").size == (8, 8) and not list(tmp_path.glob(".step.png*"))
     remote = json.loads(run.stdout)
     local = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "local"), "--no-server"])
     assert local.exit_code == 0, local.output
@@ -386,6 +389,35 @@ def test_gen_through_the_server_is_torch_free_and_makes_the_same_image(at_home, 
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert a.info == b.info  # the same chunks: recipe, A1111 text, ComfyUI graphs
     assert Path(remote["path"]).parent == tmp_path / "remote"  # written by the client, where the user said
+
+
+def test_previews_through_the_server_only_when_shown(at_home, tmp_path):
+    from rich.console import Console
+
+    from rdbt_cli import preview
+
+    def generates():
+        return [ln for ln in Path(at_home.log.name).read_text().splitlines() if "/rdbt/v1/generate" in ln]
+
+    args = ["gen", "a cat", "--model", "tiny", "--steps", "3", "--size", "64x64", "-o", str(tmp_path)]
+    seen = len(generates())
+    assert CliRunner().invoke(app, [*args, "--seed", "1"]).exit_code == 0  # no terminal, no --preview-file
+    result = CliRunner().invoke(app, [*args, "--seed", "2", "--preview-file", str(tmp_path / "p.png"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    asked = generates()[seen:]
+    assert len(asked) == 2 and "preview=1" not in asked[0] and "preview=1" in asked[1]
+    assert Image.open(tmp_path / "p.png").size == (8, 8)
+
+    # What the terminal draws from a server's picture: the same renderable as from a latent in-process.
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, format="PNG")
+    shown = preview.Preview("blocks", budget=None)
+    shown.step({"i": 0, "preview_png": b"not a png"})  # skipped, not a failed image
+    assert shown.current is None
+    shown.step({"i": 1, "preview_png": png.getvalue()})
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=80)
+    console.print(shown.current)
+    assert "200;30;30" in console.file.getvalue()  # the picture's colour, in half blocks
 
 
 def test_batch_through_the_server_and_a_stale_server_file(at_home, tmp_path, monkeypatch):
@@ -408,6 +440,24 @@ def test_batch_through_the_server_and_a_stale_server_file(at_home, tmp_path, mon
     monkeypatch.setenv("RDBT_HOME", str(at_home.home))
     status = CliRunner().invoke(app, ["serve", "--status"])
     assert "model tiny" in status.output and at_home.url in status.output
+
+
+def test_grid_through_the_server_makes_the_cells_it_makes_here(at_home, tmp_path):
+    args = ["grid", "a red fox", "--x", "lora:style=0.7,0", "--y", "steps=1,2", "--model", "tiny", "--size", "64x64",
+            "--seed", "4", "--models-dir", str(at_home.models), "--device", "cpu", "--quiet"]
+    before = _status(at_home)["made"]
+    import time as _t; t0 = _t.time()
+    remote = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "remote")])
+    print("REMOTE", _t.time() - t0); t0 = _t.time()
+    assert remote.exit_code == 0, remote.output
+    assert _status(at_home)["made"] == before + 4  # the server switched the LoRA's weight between cells
+    local = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "local"), "--no-server"])
+    print("LOCAL", _t.time() - t0)
+    assert local.exit_code == 0 and _status(at_home)["made"] == before + 4, local.output
+    made = [sorted((tmp_path / where).glob("*.png")) for where in ("remote", "local")]
+    assert len(made[0]) == len(made[1]) == 5  # four cells and the sheet
+    for a, b in zip(*made):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), (a, b)
 
 
 def test_which_server_a_client_uses(at_home, tmp_path):
