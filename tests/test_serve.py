@@ -446,13 +446,10 @@ def test_grid_through_the_server_makes_the_cells_it_makes_here(at_home, tmp_path
     args = ["grid", "a red fox", "--x", "lora:style=0.7,0", "--y", "steps=1,2", "--model", "tiny", "--size", "64x64",
             "--seed", "4", "--models-dir", str(at_home.models), "--device", "cpu", "--quiet"]
     before = _status(at_home)["made"]
-    import time as _t; t0 = _t.time()
     remote = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "remote")])
-    print("REMOTE", _t.time() - t0); t0 = _t.time()
     assert remote.exit_code == 0, remote.output
     assert _status(at_home)["made"] == before + 4  # the server switched the LoRA's weight between cells
     local = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "local"), "--no-server"])
-    print("LOCAL", _t.time() - t0)
     assert local.exit_code == 0 and _status(at_home)["made"] == before + 4, local.output
     made = [sorted((tmp_path / where).glob("*.png")) for where in ("remote", "local")]
     assert len(made[0]) == len(made[1]) == 5  # four cells and the sheet
