@@ -42,6 +42,74 @@ _STAGES = {
 _STEPPED = ("sample", "hires")  # stages whose steps the bar counts; the others show a spinner and their time
 
 
+def _rich_progress(shown: "Progress", preview):
+    """rich's live display for Progress: the preview's picture above the progress line, M/N with speed and ETA."""
+    from rich import progress as rp
+
+    class WithPreview(rp.Progress):
+        def get_renderables(self):
+            if shown.showing and shown.preview.current is not None:
+                yield shown.preview.current
+            yield from super().get_renderables()
+
+    class Counts(rp.ProgressColumn):
+        """M/N, it/s (or s/it) and ETA for a stage with steps; nothing for one without."""
+
+        def render(self, task):
+            if task.total is None:
+                return rp.Text("")
+            done = f"{task.completed:.0f}/{task.total:.0f}"
+            if not task.fields.get("steps", True):
+                return rp.Text(done)
+            speed = task.speed
+            rate = "" if not speed else f" {speed:.2f} it/s" if speed >= 1 else f" {1 / speed:.1f} s/it"
+            eta = task.time_remaining
+            left = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None and task.completed else ""
+            return rp.Text(done + rate + left)
+
+    drawn = preview is not None and preview.protocol is not None
+    return WithPreview(
+        rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(), Counts(), rp.TimeElapsedColumn(),
+        console=stderr(), transient=False, redirect_stdout=False, redirect_stderr=False,
+        # a sixel or iTerm2 picture is sent again at every redraw (text over it erases it): fewer redraws
+        refresh_per_second=4 if drawn and preview.protocol in ("sixel", "iterm") else 10,
+    )
+
+
+class _Silent:
+    """rich's live display as Progress uses it, drawing nothing: with --quiet nothing is shown, and rich (50 ms to
+    import) is not needed. It keeps its tasks (description, total, completed) as rich would."""
+
+    def __init__(self):
+        self.tasks: list = []
+        self.added = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def add_task(self, description: str, total=None, completed: float = 0, **fields):
+        from types import SimpleNamespace
+
+        self.added += 1
+        self.tasks.append(SimpleNamespace(id=self.added, description=description, total=total, completed=completed,
+                                          fields=fields))
+        return self.added
+
+    def remove_task(self, task) -> None:
+        self.tasks = [t for t in self.tasks if t.id != task]
+
+    def advance(self, task, advance: float = 1) -> None:
+        for t in self.tasks:
+            if t.id == task:
+                t.completed += advance
+
+    def refresh(self) -> None:
+        pass
+
+
 class Progress:
     """Rich progress on stderr: one line for what is happening now (loading each file, encoding, each sampling step
     with it/s and ETA, decoding, saving, hashing), plus an overall bar when there are several images. Pass `event`
@@ -49,39 +117,8 @@ class Progress:
     is drawn above the progress line while an image is being made."""
 
     def __init__(self, total_images: int, quiet: bool, preview=None):
-        from rich import progress as rp
-
-        shown = self
-
-        class WithPreview(rp.Progress):
-            def get_renderables(self):
-                if shown.showing and shown.preview.current is not None:
-                    yield shown.preview.current
-                yield from super().get_renderables()
-
-        class Counts(rp.ProgressColumn):
-            """M/N, it/s (or s/it) and ETA for a stage with steps; nothing for one without."""
-
-            def render(self, task):
-                if task.total is None:
-                    return rp.Text("")
-                done = f"{task.completed:.0f}/{task.total:.0f}"
-                if not task.fields.get("steps", True):
-                    return rp.Text(done)
-                speed = task.speed
-                rate = "" if not speed else f" {speed:.2f} it/s" if speed >= 1 else f" {1 / speed:.1f} s/it"
-                eta = task.time_remaining
-                left = f" eta {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None and task.completed else ""
-                return rp.Text(done + rate + left)
-
         self.preview, self.showing = preview, False
-        drawn = preview is not None and preview.protocol is not None
-        self.progress = WithPreview(
-            rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(), Counts(), rp.TimeElapsedColumn(),
-            console=stderr(), disable=quiet, transient=False, redirect_stdout=False, redirect_stderr=False,
-            # a sixel or iTerm2 picture is sent again at every redraw (text over it erases it): fewer redraws
-            refresh_per_second=4 if drawn and preview.protocol in ("sixel", "iterm") else 10,
-        )
+        self.progress = _Silent() if quiet else _rich_progress(self, preview)
         self.total_images = total_images
         self.overall = None
         self.task = None
