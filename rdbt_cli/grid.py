@@ -14,9 +14,9 @@ An axis is NAME=V1,V2,... (the values are read as CSV, so a value with a comma i
 Every cell is planned by jobs.plan, exactly as `rdbt gen` with that cell's flags would plan it (so a cell's image is
 the image `gen` makes), before anything loads: a bad axis writes nothing. The models load once (runner.Runner), or a
 running `rdbt serve` with the same models makes the cells (client.runner, as for gen); a LoRA weight changes by exact
-undo of the last merge. Prompt variants and wildcards, in the prompt and the negative, are drawn from each cell's seed. Each cell is a normal PNG with its own recipe; each sheet (one
-per Z value) carries the first cell's recipe plus `grid`, the whole grid as written, which `rdbt grid --from SHEET`
-runs again. Planning imports no torch.
+undo of the last merge. Prompt variants and wildcards, in the prompt and the negative, are drawn from each cell's
+seed. Each cell is a normal PNG with its own recipe; each sheet (one per Z value) carries the first cell's recipe plus
+`grid`, the whole grid as written, which `rdbt grid --from SHEET` runs again. Planning imports no torch.
 """
 
 from __future__ import annotations
@@ -226,20 +226,20 @@ def plan(prompt: Optional[str], load: LoadParams, flags: GenParams, *, x: Option
 
 def run(gp: GridPlan, dest, *, allow_unmatched: bool = False, on_image: Optional[Callable] = None, callback=None,
         on_warning=None, on_sheet: Optional[Callable] = None, name: Optional[Callable] = None, server=None,
-        runner=None, on_note: Callable[[str], None] = lambda m: None) -> Iterator:
+        runner=None, on_note: Callable[[str], None] = lambda m: None, previews: bool = False) -> Iterator:
     """Make every cell (yields (path, runner.Made) as each PNG is written), and after the last cell of each Z value
     its sheet (given to `on_sheet(path)`). `dest` is the output folder.
 
     `name(job, default_stem, dit=...)` gives a cell's file stem (--name; by default grid-<time>-x1-y1); the sheets
     keep grid-<time>-sheet. `server` is client.runner's: None uses a running `rdbt serve` that has these models
     loaded, False never, a URL that server (which switches LoRA weights between cells itself); `runner`, one made
-    already (client.connect's), is used as it is."""
+    already (client.connect's), is used as it is. `previews`: a server sends each step's picture (client.runner's)."""
     from rdbt_cli import client, metadata
 
     stem = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
     if runner is None:
         runner = client.runner(server, gp.load, gp.paths, allow_unmatched=allow_unmatched, on_warning=on_warning,
-                               callback=callback, on_note=on_note)
+                               callback=callback, on_note=on_note, previews=previews)
     per_sheet = gp.shape[0] * gp.shape[1]
     made_z: list = []
     for n, cell in enumerate(gp.cells):

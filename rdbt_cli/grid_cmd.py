@@ -57,9 +57,10 @@ def grid(
     sheets = []
     # The server first, so that a --server that does not answer is one line before any progress bar; its warnings
     # go above the bar once there is one.
+    preview = output.preview(quiet, as_json)
     remote = client.connect(server, gp.load, gp.paths, allow_unmatched=allow_unmatched,
-                            on_warning=lambda m: shown["warn"](m), on_note=note)
-    with Progress(len(gp.cells), quiet, output.preview(quiet, as_json)) as bar:
+                            on_warning=lambda m: shown["warn"](m), on_note=note, previews=preview is not None)
+    with Progress(len(gp.cells), quiet, preview) as bar:
         shown["warn"] = bar.warn
         for path, made in grid_mod.run(gp, dest, allow_unmatched=allow_unmatched, on_image=bar.start_image,
                                        callback=bar.event, on_warning=bar.warn, on_sheet=sheets.append,

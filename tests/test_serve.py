@@ -446,9 +446,10 @@ def test_grid_through_the_server_makes_the_cells_it_makes_here(at_home, tmp_path
     args = ["grid", "a red fox", "--x", "lora:style=0.7,0", "--y", "steps=1,2", "--model", "tiny", "--size", "64x64",
             "--seed", "4", "--models-dir", str(at_home.models), "--device", "cpu", "--quiet"]
     before = _status(at_home)["made"]
-    remote = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "remote")])
+    remote = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "remote"), "--preview-file", tmp_path / "p.png"])
     assert remote.exit_code == 0, remote.output
     assert _status(at_home)["made"] == before + 4  # the server switched the LoRA's weight between cells
+    assert Image.open(tmp_path / "p.png").size == (8, 8)  # the server's picture of the last step
     local = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "local"), "--no-server"])
     assert local.exit_code == 0 and _status(at_home)["made"] == before + 4, local.output
     made = [sorted((tmp_path / where).glob("*.png")) for where in ("remote", "local")]
