@@ -93,8 +93,14 @@ def lighten(command, ctx) -> None:
     (an option left out) never reaches a converter: typer returns it as it is."""
     if RuntimeParam is None or command is None or not hasattr(command, "get_params"):
         return
-    for param in command.get_params(ctx):
-        descriptor = getattr(param, "type_descriptor", None)
-        if descriptor is not None and getattr(param, "_runtime_param", _NO) is None:  # typer's, not built yet
-            param._runtime_param = _Light(descriptor.parameter_info, descriptor.annotation, descriptor,
-                                          _direct(descriptor))
+    try:
+        lightened = []
+        for param in command.get_params(ctx):
+            descriptor = getattr(param, "type_descriptor", None)
+            if descriptor is not None and getattr(param, "_runtime_param", _NO) is None:  # typer's, not built yet
+                lightened.append((param, _Light(descriptor.parameter_info, descriptor.annotation, descriptor,
+                                                _direct(descriptor))))
+    except (TypeError, AttributeError, ValueError):
+        return  # typer's private converters have changed shape: keep typer's own (slower, never wrong)
+    for param, light in lightened:
+        param._runtime_param = light

@@ -53,3 +53,13 @@ def test_a_command_line_parses_without_pydantic(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.stdout.split()[-1] == "False", out.stdout + out.stderr
     assert "ConfigError" in out.stdout or "preview" in out.stderr  # it got as far as the command's own checks
+
+
+def test_a_typer_whose_private_converters_differ_is_left_as_it_is(monkeypatch, tmp_path):
+    # coercion leans on typer internals; if their shape changes, commands must still work, through typer's own path.
+    def broken(*args, **kwargs):
+        raise TypeError("another typer")
+
+    monkeypatch.setattr(coercion, "_Light", broken)
+    r = CliRunner().invoke(app, ["gen", "x", "--model", "tiny", "--steps", "abc", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "valid integer" in r.output
